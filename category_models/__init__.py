@@ -1,0 +1,1 @@
+"""category_models package."""

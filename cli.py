@@ -1,0 +1,134 @@
+"""conceptclef command line: parses arguments and calls the pipeline; nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Show bad input as one clear line (file:line: problem) and exit 2, not as a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import USER_ERRORS
+
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+@app.command("make-demo")
+@_user_errors
+def make_demo(
+    out: Path = typer.Argument(..., help="Folder to write the synthetic dataset into."),
+    train: int = typer.Option(700, help="Training images."),
+    valid: int = typer.Option(350, help="Validation images."),
+    test: int = typer.Option(250, help="Test images (flat folder; truth in test_concepts.csv)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    image_size: int = typer.Option(128, help="Side of the written JPEG images."),
+) -> None:
+    """Write a synthetic radiology-like dataset in the ImageCLEF 2020 layout."""
+    from data.demo import make_demo_dataset
+
+    summary = make_demo_dataset(out, n_train=train, n_valid=valid, n_test=test, seed=seed, image_size=image_size)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("train-all")
+@_user_errors
+def train_all(
+    data: Path = typer.Option(..., help="Dataset folder (train/, valid/, *_concepts.csv)."),
+    out: Path = typer.Option(..., help="Run directory; rerunning resumes it."),
+    config: Optional[Path] = typer.Option(None, help="TOML config (see configs/)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated stages: router,global,<CATEGORY>,ensemble."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: section.key=value."),
+) -> None:
+    """Train the router, the global and per-category models, then fit the stacker and thresholds."""
+    from pipeline.train_all import train_all as run_train_all
+
+    stages = [stage.strip() for stage in only.split(",") if stage.strip()] if only else None
+    run_train_all(data_dir=data, run_dir=out, config_path=config, only=stages, overrides=set_)
+
+
+@app.command("predict")
+@_user_errors
+def predict(
+    run: Path = typer.Option(..., help="Run directory made by train-all."),
+    images: Path = typer.Option(..., help="Folder of test images."),
+    out: Path = typer.Option(..., help="Submission file to write."),
+    format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs)."),
+) -> None:
+    """Write a challenge submission (and per-image probabilities beside it) using only RUN."""
+    from pipeline.predict import predict_submission
+
+    summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("evaluate")
+@_user_errors
+def evaluate(
+    submission: Path = typer.Argument(..., help="Submission file."),
+    ground_truth: Path = typer.Argument(..., help="Ground-truth concept file."),
+    subset: Optional[Path] = typer.Option(None, help="File of CUIs: the 2025 secondary score."),
+    categories: Optional[Path] = typer.Option(
+        None, help="Per-category breakdown: a CSV of ID,CATEGORY or an image folder with category subfolders."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
+) -> None:
+    """Score a submission with the official sample-averaged F1."""
+    from pipeline.evaluate import evaluate_submission
+
+    report = evaluate_submission(submission, ground_truth, subset_path=subset, categories_path=categories)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    typer.echo(f"F1 {report.score:.4f} over {report.n_images} images")
+    for name, (score, count) in report.per_category.items():
+        typer.echo(f"  {name:<10} {score:.4f}  ({count} images)")
+
+
+@app.command("validate")
+@_user_errors
+def validate(
+    submission: Path = typer.Argument(..., help="Submission file."),
+    images: Path = typer.Option(..., help="Folder of the test images the submission must cover."),
+    format: Optional[str] = typer.Option(None, help="2020 or 2025; guessed from the file when omitted."),
+) -> None:
+    """Check a submission against the challenge rules; exit non-zero when it breaks one."""
+    from pipeline.evaluate import validate_submission_file
+
+    count = validate_submission_file(submission, images, submission_format=format)
+    typer.echo(f"{submission}: valid ({count} images)")
+
+
+@app.command("ablation")
+@_user_errors
+def ablation(
+    run: Path = typer.Option(..., help="Run directory made by train-all."),
+    out: Path = typer.Option(..., help="Report folder (CSV, Markdown, PNG plots)."),
+    images: Optional[Path] = typer.Option(None, help="Labelled image folder; omit for out-of-fold validation figures."),
+    gt: Optional[Path] = typer.Option(None, help="Ground-truth concept file for --images."),
+    categories: Optional[Path] = typer.Option(None, help="True categories for oracle routing (CSV ID,CATEGORY)."),
+) -> None:
+    """Score global vs per-category vs stacked ensemble, overall and per category."""
+    from pipeline.ablation import run_ablation
+
+    table = run_ablation(run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories)
+    typer.echo(table)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""Shared plumbing: the configuration object and crash-safe run files."""

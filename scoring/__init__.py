@@ -1,0 +1,1 @@
+"""The official ImageCLEFmed concept-detection score."""
