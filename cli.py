@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,6 +12,12 @@ from typing import Callable, Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.callback()
+def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")) -> None:
+    """conceptclef: label radiology images with UMLS concepts (ImageCLEFmed concept detection)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
 def _user_errors(command: Callable) -> Callable:

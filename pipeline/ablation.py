@@ -1,0 +1,252 @@
+"""`ablation`: what each part of the system is worth, overall and per category.
+
+Rows, all scored with the official sample-averaged F1 on the same images:
+global model at 0.5 (the published baseline), global with tuned thresholds, per-category models
+routed by the router, per-category with the true categories (oracle routing), the average of
+global and routed category models, and the full stacked ensemble. Thresholds of the baseline
+rows are tuned on validation like the ensemble's; on validation itself (no --images) every row
+is cross-fitted so no row is scored on images it was tuned on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from core.config import Config
+from data.concepts import read_category_file, read_concept_file
+from data.vocabulary import ConceptVocabulary
+from ensemble.thresholds import ConceptThresholdTuner
+from pipeline.base_models import read_confusion
+from pipeline.datasets import load_unlabelled_set
+from pipeline.errors import RunDirectoryError
+from pipeline.predict import RunModels
+from pipeline.reports import write_ablation_report
+from pipeline.run_directory import Manifest, RunLayout, load_run_config
+from pipeline.stacking import (
+    BaseOutputs,
+    FittedEnsemble,
+    load_oof_probabilities,
+    load_validation_outputs,
+    load_validation_truth,
+    to_stacking_inputs,
+)
+from scoring.f1 import per_image_f1_sparse
+
+log = logging.getLogger("conceptclef")
+
+
+@dataclass
+class LabelledOutputs:
+    """Base outputs on a labelled image set, with the truth over the global vocabulary."""
+
+    outputs: BaseOutputs
+    truth: sp.csr_matrix
+    truth_outside: np.ndarray
+    true_categories: list[str] | None
+
+
+def routed_probs(outputs: BaseOutputs, vocabulary: ConceptVocabulary, categories: list[str]) -> np.ndarray:
+    """Each image's probabilities from the model of `categories[i]` (the global model when it has none)."""
+    from ensemble.inputs import project_to_columns
+
+    global_cuis = list(vocabulary.cuis)
+    result = np.array(outputs.global_probs, dtype=np.float32, copy=True)
+    for category, probs in outputs.category_probs.items():
+        rows = np.flatnonzero(np.array(categories) == category)
+        if len(rows):
+            projected = project_to_columns(probs[rows], outputs.category_cuis[category], global_cuis)
+            result[rows] = np.nan_to_num(projected, nan=0.0)
+    return result
+
+
+def router_choice(outputs: BaseOutputs) -> list[str]:
+    return [outputs.router_categories[index] for index in np.argmax(outputs.router_probs, axis=1)]
+
+
+def _fold_ids(n_images: int, folds: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n_images) % max(2, min(folds, n_images))
+
+
+def cross_fitted_threshold_decisions(probs: np.ndarray, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
+    """Decisions for every image from thresholds tuned on the other folds only."""
+    fold_of = _fold_ids(probs.shape[0], config.ensemble.folds, config.seed)
+    decisions = sp.lil_matrix(probs.shape, dtype=bool)
+    for fold in np.unique(fold_of):
+        held, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+        tuner = make_tuner(config).fit(probs[rest], truth[rest], outside[rest])
+        decisions[held] = tuner.predict(probs[held])
+    return decisions.tocsr()
+
+
+def make_tuner(config: Config) -> ConceptThresholdTuner:
+    return ConceptThresholdTuner(
+        prior_strength=config.ensemble.threshold_prior_strength,
+        min_labels=config.ensemble.min_labels,
+        max_labels=config.ensemble.max_labels,
+    )
+
+
+def scores_by_image(decisions: sp.spmatrix, labelled: LabelledOutputs) -> np.ndarray:
+    return per_image_f1_sparse(decisions, labelled.truth, labelled.truth_outside)
+
+
+def run_ablation(
+    run_dir: Path,
+    out_dir: Path,
+    images_dir: Path | None = None,
+    truth_path: Path | None = None,
+    categories_path: Path | None = None,
+) -> str:
+    layout = RunLayout(Path(run_dir))
+    manifest = Manifest.load(layout)
+    config = load_run_config(layout)
+    if (images_dir is None) != (truth_path is None):
+        raise RunDirectoryError("ablation: give both --images and --gt, or neither (validation figures)")
+    vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
+    ensemble = FittedEnsemble.load(layout, config, manifest, vocabulary)
+    validation = _validation_outputs(layout, manifest, vocabulary)
+    if images_dir is None:
+        rows, labelled, stacked_probs = _validation_rows(layout, config, vocabulary, validation, ensemble)
+        source = "validation (out-of-fold)"
+    else:
+        labelled = _test_outputs(layout, manifest, config, vocabulary, Path(images_dir), Path(truth_path), categories_path)
+        rows, stacked_probs = _test_rows(config, vocabulary, validation, labelled, ensemble)
+        source = f"{images_dir}"
+    group_names = labelled.true_categories or router_choice(labelled.outputs)
+    table = _score_table(rows, labelled, group_names)
+    confusion = _confusion(labelled, manifest) or read_confusion(layout)
+    return write_ablation_report(
+        Path(out_dir),
+        table,
+        source=source,
+        grouped_by="true category" if labelled.true_categories else "routed category",
+        confusion=confusion,
+        threshold_curves={
+            "global model": (np.asarray(labelled.outputs.global_probs), labelled),
+            "stacked ensemble": (stacked_probs, labelled),
+        },
+        fallback_categories=manifest.fallback_categories,
+    )
+
+
+def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: ConceptVocabulary) -> LabelledOutputs:
+    outputs = load_validation_outputs(layout, manifest)
+    image_ids, truth, outside, categories = load_validation_truth(layout)
+    if image_ids != outputs.image_ids:
+        raise RunDirectoryError(f"{layout.ensemble_dir}: saved validation truth does not match the saved predictions")
+    return LabelledOutputs(outputs, truth, outside, categories)
+
+
+RowDecider = Callable[[], sp.csr_matrix]
+
+
+def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocabulary, labelled: LabelledOutputs, ensemble: FittedEnsemble):
+    outputs = labelled.outputs
+    truth, outside = labelled.truth, labelled.truth_outside
+    routed = routed_probs(outputs, vocabulary, router_choice(outputs))
+    rows: dict[str, sp.csr_matrix] = {
+        "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
+        "global + tuned thresholds": cross_fitted_threshold_decisions(np.asarray(outputs.global_probs), truth, outside, config),
+        "per-category, routed + tuned thresholds": cross_fitted_threshold_decisions(routed, truth, outside, config),
+    }
+    if labelled.true_categories is not None:
+        oracle = routed_probs(outputs, vocabulary, labelled.true_categories)
+        rows["per-category, oracle routing + tuned thresholds"] = cross_fitted_threshold_decisions(oracle, truth, outside, config)
+    average = 0.5 * (np.asarray(outputs.global_probs) + routed)
+    rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(average, truth, outside, config)
+    _, oof = load_oof_probabilities(layout)
+    rows[f"stacked ensemble ({ensemble.rule})"] = _cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule)
+    return rows, labelled, oof
+
+
+def _cross_fitted_ensemble_decisions(oof: sp.csr_matrix, labelled: LabelledOutputs, config: Config, rule: str) -> sp.csr_matrix:
+    if rule == "thresholds":
+        return cross_fitted_threshold_decisions(oof.toarray(), labelled.truth, labelled.truth_outside, config)
+    from ensemble.decoding import ExpectedF1Decoder
+
+    return sp.csr_matrix(ExpectedF1Decoder(config.ensemble.min_labels, config.ensemble.max_labels).predict(oof), dtype=bool)
+
+
+def _test_outputs(
+    layout: RunLayout,
+    manifest: Manifest,
+    config: Config,
+    vocabulary: ConceptVocabulary,
+    images_dir: Path,
+    truth_path: Path,
+    categories_path: Path | None,
+) -> LabelledOutputs:
+    truth_by_id = read_concept_file(truth_path)
+    image_set, _ = load_unlabelled_set(images_dir, config, layout.cache_dir)
+    missing = [image_id for image_id in image_set.image_ids if image_id not in truth_by_id]
+    if missing:
+        raise RunDirectoryError(f"{truth_path}: no ground truth for {len(missing)} images of {images_dir}, e.g. {missing[:3]}")
+    outputs = RunModels.load(layout, manifest, config).predict(image_set)
+    concept_lists = [truth_by_id[image_id] for image_id in image_set.image_ids]
+    true_categories = None
+    if categories_path is not None:
+        by_id = read_category_file(Path(categories_path))
+        true_categories = [by_id.get(image_id, "unknown") for image_id in image_set.image_ids]
+    elif all(record.category for record in image_set.records):
+        true_categories = [str(record.category) for record in image_set.records]
+    return LabelledOutputs(outputs, vocabulary.encode(concept_lists), vocabulary.outside_counts(concept_lists), true_categories)
+
+
+def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: LabelledOutputs, labelled: LabelledOutputs, ensemble: FittedEnsemble):
+    def tuned(valid_probs: np.ndarray, test_probs: np.ndarray) -> sp.csr_matrix:
+        tuner = make_tuner(config).fit(valid_probs, validation.truth, validation.truth_outside)
+        return sp.csr_matrix(tuner.predict(test_probs), dtype=bool)
+
+    outputs, valid_outputs = labelled.outputs, validation.outputs
+    routed = routed_probs(outputs, vocabulary, router_choice(outputs))
+    valid_routed = routed_probs(valid_outputs, vocabulary, router_choice(valid_outputs))
+    rows: dict[str, sp.csr_matrix] = {
+        "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
+        "global + tuned thresholds": tuned(np.asarray(valid_outputs.global_probs), np.asarray(outputs.global_probs)),
+        "per-category, routed + tuned thresholds": tuned(valid_routed, routed),
+    }
+    if labelled.true_categories is not None and validation.true_categories is not None:
+        rows["per-category, oracle routing + tuned thresholds"] = tuned(
+            routed_probs(valid_outputs, vocabulary, validation.true_categories),
+            routed_probs(outputs, vocabulary, labelled.true_categories),
+        )
+    rows["average(global, routed) + tuned thresholds"] = tuned(
+        0.5 * (np.asarray(valid_outputs.global_probs) + valid_routed), 0.5 * (np.asarray(outputs.global_probs) + routed)
+    )
+    inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
+    stacked = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
+    rows[f"stacked ensemble ({ensemble.rule})"] = sp.csr_matrix(ensemble.decider.predict(stacked), dtype=bool)
+    return rows, stacked
+
+
+def _score_table(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, group_names: list[str]) -> pd.DataFrame:
+    groups = np.array(group_names)
+    records = []
+    for name, decisions in rows.items():
+        per_image = scores_by_image(decisions, labelled)
+        scored = ~np.isnan(per_image)
+        record = {"system": name, "overall": float(per_image[scored].mean()) if scored.any() else 0.0, "n_images": int(scored.sum())}
+        for group in sorted(set(group_names)):
+            members = scored & (groups == group)
+            record[group] = float(per_image[members].mean()) if members.any() else np.nan
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _confusion(labelled: LabelledOutputs, manifest: Manifest) -> tuple[list[str], np.ndarray] | None:
+    if labelled.true_categories is None:
+        return None
+    categories = list(manifest.categories)
+    index = {name: position for position, name in enumerate(categories)}
+    matrix = np.zeros((len(categories), len(categories)), dtype=np.int64)
+    for true, predicted in zip(labelled.true_categories, router_choice(labelled.outputs)):
+        if true in index:
+            matrix[index[true], index[predicted]] += 1
+    return categories, matrix

@@ -1,0 +1,110 @@
+"""Train the base networks of a run and keep their validation predictions as files.
+
+Each model writes its predictions on every validation image (not only its own category's),
+because the stacker learns how much to trust each model everywhere, and the router's mistakes
+send images to the "wrong" category model at test time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from category_models import ConceptModel
+from core.config import Config
+from core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
+from data.vocabulary import ConceptVocabulary
+from pipeline.datasets import ImageSet
+from pipeline.run_directory import RunLayout
+from router import ModalityRouter
+
+log = logging.getLogger("conceptclef")
+
+PREDICTIONS_FILE = "valid_predictions.npz"
+TRAIN_EMBEDDINGS_FILE = "train_embeddings.npz"
+
+
+@dataclass(frozen=True)
+class ModelPredictions:
+    """One model's outputs on one image set."""
+
+    image_ids: list[str]
+    probs: np.ndarray
+    embeddings: np.ndarray | None = None
+
+    def save(self, path: Path) -> None:
+        arrays = {"image_ids": np.array(self.image_ids), "probs": self.probs}
+        if self.embeddings is not None:
+            arrays["embeddings"] = self.embeddings
+        atomic_save_arrays(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelPredictions":
+        arrays = load_arrays(path)
+        return cls(
+            image_ids=[str(image_id) for image_id in arrays["image_ids"]],
+            probs=arrays["probs"],
+            embeddings=arrays.get("embeddings"),
+        )
+
+
+def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter:
+    work_dir = layout.router_dir
+    router = ModalityRouter(config.router, config.data.image_size, config.device, config.seed, config.data.num_workers)
+    router.fit(train.images, [str(c) for c in train.categories], valid.images, [str(c) for c in valid.categories], work_dir)
+    probs = router.predict_proba(valid.images)
+    ModelPredictions(valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
+    _write_confusion(work_dir, router.categories_, router.confusion_)
+    log.info("router: validation accuracy %.3f over %d images", router.valid_accuracy_, len(valid.records))
+    return router
+
+
+def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarray) -> None:
+    atomic_write_json(work_dir / "confusion.json", {"categories": list(categories), "matrix": np.asarray(confusion).tolist()})
+
+
+def read_confusion(layout: RunLayout) -> tuple[list[str], np.ndarray]:
+    payload = read_json(layout.router_dir / "confusion.json")
+    return payload["categories"], np.array(payload["matrix"], dtype=np.int64)
+
+
+def train_concept_stage(
+    work_dir: Path,
+    config: Config,
+    training: "ImageSet",
+    vocabulary: ConceptVocabulary,
+    valid_for_stopping: ImageSet,
+    valid_all: ImageSet,
+    train_all_images: ImageSet | None = None,
+    is_global: bool = False,
+) -> ConceptModel:
+    """Train one concept model; save its probabilities on all validation images.
+
+    The global model also saves embeddings of the training images (the kNN index) and of the
+    validation images (kNN queries), from the same forward passes as its probabilities.
+    """
+    settings = config.global_model if is_global else config.category_model
+    vocabulary.save(work_dir / "vocabulary.json")
+    model = ConceptModel(settings, config.data.image_size, config.device, config.seed, config.data.num_workers)
+    model.fit(
+        training.images,
+        training.labels(vocabulary),
+        list(vocabulary.cuis),
+        valid_for_stopping.images,
+        valid_for_stopping.labels(vocabulary),
+        work_dir,
+    )
+    probs, embeddings = model.predict_proba_and_embed(valid_all.images)
+    ModelPredictions(valid_all.image_ids, probs.astype(np.float32), embeddings.astype(np.float32) if is_global else None).save(
+        work_dir / PREDICTIONS_FILE
+    )
+    if is_global and train_all_images is not None:
+        train_embeddings = model.embed(train_all_images.images)
+        ModelPredictions(train_all_images.image_ids, np.zeros((len(train_all_images.records), 0), np.float32), train_embeddings.astype(np.float32)).save(
+            work_dir / TRAIN_EMBEDDINGS_FILE
+        )
+    log.info("%s: validation sample F1 at 0.5 = %.4f (%d concepts)", work_dir.name, model.best_valid_f1_, len(vocabulary))
+    return model

@@ -1,0 +1,141 @@
+"""Turn a dataset folder into what the models eat: cached uint8 image arrays and label matrices."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from core.config import Config
+from data.cache import ImageCache
+from data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
+from data.vocabulary import ConceptVocabulary
+
+log = logging.getLogger("conceptclef")
+
+
+class SubsetImages:
+    """Rows of a (memory-mapped) image array, without copying them into memory.
+
+    Per-category models train on a subset of the cached training array; at full scale a copy
+    would cost gigabytes, so batches are gathered from the parent array on demand.
+    """
+
+    def __init__(self, parent: np.ndarray, indices: np.ndarray) -> None:
+        self.parent = parent
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indices), *self.parent.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parent.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.parent.ndim
+
+    def __getitem__(self, key):
+        rows = self.indices[key]
+        if np.ndim(rows) == 0:
+            return self.parent[int(rows)]
+        order = np.argsort(rows, kind="stable")  # memmaps read fastest in file order
+        gathered = self.parent[rows[order]]
+        result = np.empty_like(gathered)
+        result[order] = gathered
+        return result
+
+    def __array__(self, dtype=None, copy=None):
+        array = self[np.arange(len(self))]
+        return array.astype(dtype) if dtype is not None else array
+
+
+@dataclass
+class ImageSet:
+    """One split's usable images: records, their cached pixels, and (when labelled) concepts."""
+
+    records: list[ImageRecord]
+    images: np.ndarray  # uint8 (N, S, S, 3), memory-mapped
+    concept_lists: list[list[str]] | None = None
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [record.image_id for record in self.records]
+
+    @property
+    def categories(self) -> list[str | None]:
+        return [record.category for record in self.records]
+
+    def subset(self, indices: np.ndarray) -> "ImageSet":
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            records=[self.records[i] for i in indices],
+            images=SubsetImages(self.images, indices),  # type: ignore[arg-type]
+            concept_lists=None if self.concept_lists is None else [self.concept_lists[i] for i in indices],
+        )
+
+    def labels(self, vocabulary: ConceptVocabulary) -> sp.csr_matrix:
+        if self.concept_lists is None:
+            raise ValueError("this image set has no concepts")
+        return vocabulary.encode(self.concept_lists)
+
+
+def cached_images(records: list[ImageRecord], config: Config, cache_dir: Path, keep_bad: bool) -> tuple[list[ImageRecord], np.ndarray, list[int]]:
+    """Decode (once) and cache the records' images; bad ones are dropped unless keep_bad.
+
+    Training can drop an unreadable image, but a test image must still get a prediction, so
+    predict keeps it (as a blank image) when the user asked to skip bad images.
+    """
+    cache = ImageCache(cache_dir)
+    cached = cache.image_array([record.path for record in records], config.data.image_size, skip_bad=config.data.skip_bad_images)
+    bad = sorted(cached.bad_indices)
+    if not bad or keep_bad:
+        return records, cached.array, bad
+    good = np.setdiff1d(np.arange(len(records)), bad)
+    return [records[i] for i in good], SubsetImages(cached.array, good), bad  # type: ignore[return-value]
+
+
+def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> ImageSet:
+    records, images, bad = cached_images(split.records, config, cache_dir, keep_bad=False)
+    if bad:
+        log.warning("%s: skipped %d unreadable images", split.name, len(bad))
+    concepts = [split.concepts[record.image_id] for record in records]
+    return ImageSet(records=records, images=images, concept_lists=concepts)
+
+
+def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageSet]:
+    """The train and valid image sets; without a valid split, a stratified slice of train."""
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(data_dir) / ".cache"
+    train_split = load_split(Path(data_dir), "train")
+    train = load_labelled_set(train_split, config, cache_dir)
+    valid_folder = Path(data_dir) / "valid"
+    if valid_folder.is_dir():
+        return train, load_labelled_set(load_split(Path(data_dir), "valid"), config, cache_dir)
+    log.info("%s has no valid/ split: holding out %.0f%% of train", data_dir, 100 * config.data.validation_fraction)
+    rng = np.random.default_rng(config.seed)
+    held_out: list[int] = []
+    categories = np.array([str(category) for category in train.categories])
+    for category in np.unique(categories):
+        members = np.flatnonzero(categories == category)
+        count = max(1, int(round(len(members) * config.data.validation_fraction)))
+        held_out.extend(rng.choice(members, size=min(count, len(members) - 1), replace=False).tolist())
+    held = np.array(sorted(held_out), dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(train.records)), held)
+    return train.subset(kept), train.subset(held)
+
+
+def load_unlabelled_set(images_dir: Path, config: Config, cache_dir: Path) -> tuple[ImageSet, list[int]]:
+    """A folder of test images, every one kept so the submission covers them all."""
+    records = list_image_folder(Path(images_dir))
+    records, images, bad = cached_images(records, config, cache_dir, keep_bad=True)
+    if bad:
+        log.warning("%s: %d unreadable images get predictions from a blank image", images_dir, len(bad))
+    return ImageSet(records=records, images=images), bad

@@ -1,0 +1,127 @@
+"""`predict`: a submission for a folder of test images, using nothing but the run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from category_models import ConceptModel
+from core.config import Config
+from core.runfiles import atomic_save_arrays
+from data.submission import write_submission
+from data.vocabulary import ConceptVocabulary
+from pipeline.datasets import ImageSet, load_unlabelled_set
+from pipeline.errors import RunDirectoryError
+from pipeline.run_directory import Manifest, RunLayout, load_run_config
+from pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
+from router import ModalityRouter
+
+log = logging.getLogger("conceptclef")
+
+SUBMISSION_FORMATS = ("2020", "2025")
+
+
+@dataclass
+class RunModels:
+    """The trained networks of a run, checked against its manifest."""
+
+    router: ModalityRouter
+    global_model: ConceptModel
+    category_models: dict[str, ConceptModel]
+    vocabulary: ConceptVocabulary
+
+    @classmethod
+    def load(cls, layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels":
+        for name, work_dir, model_class in [("router", layout.router_dir, ModalityRouter), ("global", layout.global_dir, ConceptModel)]:
+            if not model_class.is_trained(work_dir):
+                raise RunDirectoryError(f"{work_dir}: the {name} model is not trained; rerun train-all")
+        router = ModalityRouter.load(layout.router_dir, config.device)
+        if list(router.categories_) != list(manifest.categories):
+            raise RunDirectoryError(
+                f"{layout.router_dir}: router categories {router.categories_} differ from the run's {manifest.categories}"
+            )
+        vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
+        if vocabulary.fingerprint() != manifest.global_vocabulary:
+            raise RunDirectoryError(f"{layout.global_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
+        global_model = ConceptModel.load(layout.global_dir, config.device)
+        category_models = {}
+        for category in active_categories(manifest):
+            work_dir = layout.category_dir(category)
+            if not ConceptModel.is_trained(work_dir):
+                raise RunDirectoryError(f"{work_dir}: the {category} model is not trained; rerun train-all")
+            category_vocabulary = ConceptVocabulary.load(work_dir / "vocabulary.json")
+            if category_vocabulary.fingerprint() != manifest.category_vocabularies.get(category):
+                raise RunDirectoryError(f"{work_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
+            category_models[category] = ConceptModel.load(work_dir, config.device)
+        return cls(router, global_model, category_models, vocabulary)
+
+    def predict(self, image_set: ImageSet) -> BaseOutputs:
+        images = image_set.images
+        global_probs, embeddings = self.global_model.predict_proba_and_embed(images)
+        return BaseOutputs(
+            image_ids=image_set.image_ids,
+            router_probs=self.router.predict_proba(images),
+            router_categories=list(self.router.categories_),
+            global_probs=global_probs,
+            global_embeddings=embeddings,
+            category_probs={category: model.predict_proba(images) for category, model in self.category_models.items()},
+            category_cuis={category: list(model.cuis_) for category, model in self.category_models.items()},
+        )
+
+
+def decisions_to_concepts(decisions: sp.spmatrix, image_ids: list[str], vocabulary: ConceptVocabulary, probs: sp.spmatrix) -> dict[str, list[str]]:
+    """Each image's chosen CUIs, most probable first."""
+    decisions = sp.csr_matrix(decisions, dtype=bool)
+    dense_probs = sp.csr_matrix(probs)
+    result: dict[str, list[str]] = {}
+    for row, image_id in enumerate(image_ids):
+        columns = decisions.indices[decisions.indptr[row] : decisions.indptr[row + 1]]
+        scores = np.asarray(dense_probs[row, columns].todense()).ravel() if len(columns) else np.array([])
+        ordered = columns[np.argsort(-scores, kind="stable")]
+        result[image_id] = [vocabulary.cuis[column] for column in ordered]
+    return result
+
+
+def predict_submission(run_dir: Path, images_dir: Path, out_path: Path, submission_format: str = "2020") -> dict:
+    if submission_format not in SUBMISSION_FORMATS:
+        raise RunDirectoryError(f"--format {submission_format}: choose 2020 or 2025")
+    started = time.perf_counter()
+    layout = RunLayout(Path(run_dir))
+    manifest = Manifest.load(layout)
+    config = load_run_config(layout)
+    models = RunModels.load(layout, manifest, config)
+    ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
+    image_set, bad = load_unlabelled_set(Path(images_dir), config, layout.cache_dir)
+    outputs = models.predict(image_set)
+    inputs = to_stacking_inputs(outputs, models.vocabulary, ensemble.statistics, ensemble.knn)
+    probs = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
+    decisions = ensemble.decider.predict(probs)
+    predictions = decisions_to_concepts(decisions, outputs.image_ids, models.vocabulary, probs)
+    write_submission(Path(out_path), predictions, format=submission_format)
+    probabilities_path = Path(out_path).with_name(Path(out_path).name + ".probabilities.npz")
+    atomic_save_arrays(
+        probabilities_path,
+        image_ids=np.array(outputs.image_ids),
+        cuis=np.array(models.vocabulary.cuis),
+        data=probs.data,
+        indices=probs.indices,
+        indptr=probs.indptr,
+        shape=np.array(probs.shape),
+        router_probs=outputs.router_probs.astype(np.float32),
+        router_categories=np.array(outputs.router_categories),
+    )
+    counts = np.diff(sp.csr_matrix(decisions).indptr)
+    return {
+        "submission": str(out_path),
+        "probabilities": str(probabilities_path),
+        "images": len(outputs.image_ids),
+        "unreadable_images": len(bad),
+        "decision_rule": ensemble.rule,
+        "mean_concepts_per_image": float(counts.mean()) if len(counts) else 0.0,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

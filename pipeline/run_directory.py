@@ -1,0 +1,122 @@
+"""The run directory: where each stage's files live, and the manifest that ties them to the data.
+
+A run directory is all `predict` needs, so it records the categories, the vocabularies'
+fingerprints and the resolved config; anything that does not match is refused with a clear
+error instead of silently mixing two runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.config import Config, ConfigError, load_config, save_config
+from core.runfiles import atomic_write_json, read_json
+from pipeline.errors import RunDirectoryError
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def router_dir(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def global_dir(self) -> Path:
+        return self.root / "global"
+
+    def category_dir(self, category: str) -> Path:
+        return self.root / f"category-{category}"
+
+    @property
+    def ensemble_dir(self) -> Path:
+        return self.root / "ensemble"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def fallback_path(self, category: str) -> Path:
+        return self.category_dir(category) / "fallback.json"
+
+
+@dataclass
+class Manifest:
+    """What a run was trained on; written by train-all, checked by every later command."""
+
+    data_dir: str
+    categories: list[str]
+    global_vocabulary: str = ""  # fingerprint
+    category_vocabularies: dict[str, str] = dataclasses.field(default_factory=dict)
+    fallback_categories: list[str] = dataclasses.field(default_factory=list)
+    finished_stages: list[str] = dataclasses.field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    def save(self, layout: RunLayout) -> None:
+        atomic_write_json(layout.manifest_path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, layout: RunLayout) -> "Manifest":
+        if not layout.manifest_path.is_file():
+            raise RunDirectoryError(f"{layout.root}: not a conceptclef run directory (no manifest.json); run train-all first")
+        raw: dict[str, Any] = read_json(layout.manifest_path)
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown or raw.get("version") != MANIFEST_VERSION:
+            raise RunDirectoryError(f"{layout.manifest_path}: made by another version of conceptclef")
+        return cls(**raw)
+
+    def mark_finished(self, stage: str, layout: RunLayout) -> None:
+        if stage not in self.finished_stages:
+            self.finished_stages.append(stage)
+        self.save(layout)
+
+    def forget_finished(self, stages: list[str], layout: RunLayout) -> None:
+        self.finished_stages = [stage for stage in self.finished_stages if stage not in stages]
+        self.save(layout)
+
+
+def resolve_run_config(layout: RunLayout, config_path: Path | None) -> Config:
+    """The run's config: the saved one on resume, else the given file (or defaults).
+
+    Resuming with a different config would mix models trained under two settings, so a
+    config that differs from the one the run was started with is refused.
+    """
+    requested = load_config(config_path) if config_path is not None else None
+    if layout.config_path.is_file():
+        saved = load_config(layout.config_path)
+        if requested is not None and requested != saved:
+            raise ConfigError(
+                f"{config_path}: differs from the config this run was started with ({layout.config_path}); "
+                "use a new --out directory, or rerun without --config to resume"
+            )
+        return saved
+    config = requested if requested is not None else Config()
+    return config
+
+
+def write_run_config(layout: RunLayout, config: Config) -> None:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, layout.config_path)
+
+
+def load_run_config(layout: RunLayout) -> Config:
+    if not layout.config_path.is_file():
+        raise RunDirectoryError(f"{layout.root}: no config.toml; this run directory is incomplete")
+    return load_config(layout.config_path)
