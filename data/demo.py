@@ -1,0 +1,238 @@
+"""A small synthetic dataset in the ImageCLEF 2020 layout, on which the whole pipeline can run in minutes.
+
+Generative story, per image (all draws from one numpy Generator seeded by `seed`):
+
+1. Modality category, with the imbalance of the real 2020 data: DRCT 30%, DRXR 25%, DRMR 15%,
+   DRUS 12%, DRAN 8%, DRCO 5%, DRPE 5%. Its UMLS concept (e.g. C0040405 CT) is listed on 95% of
+   images, as captions usually name the modality.
+2. Body region, from a modality-specific distribution (XR is mostly chest and limbs, US mostly
+   abdomen, MR mostly head...). The region concept is listed on 85% of images and an organ concept
+   (brain, lung, heart, liver, knee...) on 60%; both look different in each modality.
+3. Findings, each with a modality- (and sometimes region-) specific probability, drawn in the
+   image: mass (bright blob / PET hot spot), cyst (dark round), calcification (bright dots),
+   fracture (a line through bone), pleural effusion (fluid in the lung base), contrast, stenosis
+   and stent (angiography only), colour Doppler (ultrasound only).
+4. Caption-only concepts that are invisible (patients, biopsy, metastasis, follow-up...), whose
+   frequency depends on the modality, so only modality-aware models can predict them well.
+5. A long tail: with probability 0.45 one rare CUI from a pool split by modality; each is used a
+   few times over the dataset. These synthetic CUIs start with C9 (real CUIs stay below C6).
+
+Visual styles per modality are described in data.demo_render. Routing therefore matters: the
+same finding looks different per modality, and most concepts are specific to one or two.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from core.runfiles import atomic_write_json, atomic_write_text, read_json
+from data.demo_render import render_image
+from data.errors import DataError
+
+
+@dataclass(frozen=True)
+class DemoModality:
+    cui: str
+    name: str
+    frequency: float
+    regions: dict[str, float]
+    findings: dict[str, float]
+    captions: dict[str, float]  # invisible concepts (by key of CAPTION_CUIS) -> probability
+
+
+REGION_CUIS = {"head": "C0018670", "chest": "C0817096", "abdomen": "C0000726", "limb": "C0023216"}
+ORGAN_CUIS = {
+    "brain": "C0006104", "lung": "C0024109", "heart": "C0018787", "liver": "C0023884",
+    "kidney": "C0022646", "knee": "C0022742", "femur": "C0015811", "spine": "C0037949",
+}
+# Organs a region's caption may name; ultrasound and angiography of the chest show the heart.
+REGION_ORGANS = {"head": ("brain",), "chest": ("lung", "heart", "spine"), "abdomen": ("liver", "kidney", "spine"),
+                 "limb": ("knee", "femur")}
+FINDING_CUIS = {
+    "mass": "C0577559",  # Mass of body structure
+    "cyst": "C0010709",  # Cyst
+    "calcification": "C0006660",  # Calcinosis
+    "fracture": "C0016658",  # Fracture
+    "effusion": "C0032227",  # Pleural effusion
+    "contrast": "C0009924",  # Contrast Media
+    "stenosis": "C1261287",  # Stenosis
+    "stent": "C0038257",  # Stent
+    "doppler": "C0554756",  # colour Doppler ultrasonography (CUI as recalled, not checked offline)
+}
+CAPTION_CUIS = {
+    "patients": "C0030705", "diagnosis": "C0011900", "biopsy": "C0005558", "metastasis": "C0027627",
+    "postoperative": "C0032790", "hemorrhage": "C0019080", "neoplasm": "C0027651", "edema": "C0013604",
+    "aneurysm": "C0002940", "follow_up": "C1522577",
+}
+_COMMON_CAPTIONS = {"patients": 0.25, "diagnosis": 0.2}
+
+MODALITIES: dict[str, DemoModality] = {
+    "DRCT": DemoModality("C0040405", "X-Ray Computed Tomography", 0.30,
+                         {"head": 0.25, "chest": 0.35, "abdomen": 0.35, "limb": 0.05},
+                         {"mass": 0.25, "cyst": 0.12, "calcification": 0.12, "fracture": 0.05, "effusion": 0.15,
+                          "contrast": 0.2},
+                         {**_COMMON_CAPTIONS, "metastasis": 0.12, "hemorrhage": 0.15, "neoplasm": 0.1, "biopsy": 0.1}),
+    "DRXR": DemoModality("C1306645", "Plain x-ray", 0.25,
+                         {"chest": 0.5, "limb": 0.3, "abdomen": 0.15, "head": 0.05},
+                         {"mass": 0.1, "calcification": 0.12, "fracture": 0.25, "effusion": 0.2},
+                         {**_COMMON_CAPTIONS, "postoperative": 0.25, "follow_up": 0.3}),
+    "DRMR": DemoModality("C0024485", "Magnetic Resonance Imaging", 0.15,
+                         {"head": 0.5, "limb": 0.25, "abdomen": 0.15, "chest": 0.1},
+                         {"mass": 0.25, "cyst": 0.15},
+                         {**_COMMON_CAPTIONS, "edema": 0.3, "hemorrhage": 0.15, "neoplasm": 0.25}),
+    "DRUS": DemoModality("C0041618", "Ultrasonography", 0.12,
+                         {"abdomen": 0.7, "chest": 0.15, "limb": 0.15},
+                         {"mass": 0.2, "cyst": 0.25, "doppler": 0.35},
+                         {**_COMMON_CAPTIONS, "biopsy": 0.35}),
+    "DRAN": DemoModality("C0002978", "Angiogram", 0.08,
+                         {"head": 0.4, "chest": 0.35, "abdomen": 0.25},
+                         {"contrast": 0.6, "stenosis": 0.3, "stent": 0.3},
+                         {**_COMMON_CAPTIONS, "aneurysm": 0.35, "postoperative": 0.15}),
+    "DRCO": DemoModality("C1699633", "PET/CT scan", 0.05,
+                         {"chest": 0.5, "abdomen": 0.5},
+                         {"mass": 0.5, "effusion": 0.1},
+                         {**_COMMON_CAPTIONS, "metastasis": 0.45, "neoplasm": 0.3}),
+    "DRPE": DemoModality("C0032743", "Positron-Emission Tomography", 0.05,
+                         {"head": 0.2, "chest": 0.4, "abdomen": 0.4},
+                         {"mass": 0.5},
+                         {**_COMMON_CAPTIONS, "metastasis": 0.45, "neoplasm": 0.3}),
+}
+CATEGORIES = tuple(MODALITIES)
+_FINDINGS_BY_REGION = {"effusion": {"chest"}, "fracture": {"limb", "chest", "head"}}
+_RARE_PROBABILITY = 0.45
+_MARKER = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoImage:
+    image_id: str
+    category: str
+    region: str
+    findings: frozenset[str]
+    cuis: tuple[str, ...]
+
+
+def rare_pool(n_images: int) -> dict[str, list[str]]:
+    """Synthetic rare CUIs per category, about three uses each; fixed for a dataset size, not the seed."""
+    per_category = max(3, int(n_images * _RARE_PROBABILITY / 3 / len(CATEGORIES)))
+    generator = np.random.default_rng(12345)
+    numbers = generator.choice(1_000_000, size=per_category * len(CATEGORIES), replace=False)
+    cuis = [f"C9{number:06d}" for number in numbers]
+    return {category: cuis[i * per_category : (i + 1) * per_category] for i, category in enumerate(CATEGORIES)}
+
+
+def sample_image(image_id: str, rng: np.random.Generator, rare: dict[str, list[str]]) -> DemoImage:
+    """Draw one image's category, region, findings and concept list (steps 1-5 of the story)."""
+    categories = list(MODALITIES)
+    category = categories[rng.choice(len(categories), p=[MODALITIES[c].frequency for c in categories])]
+    modality = MODALITIES[category]
+    regions = list(modality.regions)
+    region = regions[rng.choice(len(regions), p=list(modality.regions.values()))]
+    findings = frozenset(
+        finding
+        for finding, probability in modality.findings.items()
+        if region in _FINDINGS_BY_REGION.get(finding, {region}) and rng.random() < probability
+    )
+    cuis: list[str] = []
+    if rng.random() < 0.95:
+        cuis.append(modality.cui)
+    if rng.random() < 0.85:
+        cuis.append(REGION_CUIS[region])
+    if rng.random() < 0.6:
+        organs = REGION_ORGANS[region]
+        if region == "chest" and category in ("DRUS", "DRAN"):
+            organs = ("heart",)
+        cuis.append(ORGAN_CUIS[organs[rng.integers(len(organs))]])
+    cuis.extend(FINDING_CUIS[finding] for finding in sorted(findings))
+    cuis.extend(CAPTION_CUIS[key] for key, probability in modality.captions.items() if rng.random() < probability)
+    if rng.random() < _RARE_PROBABILITY:
+        pool = rare[category]
+        cuis.append(pool[rng.integers(len(pool))])
+    if not cuis:
+        cuis.append(modality.cui)  # every real image has at least one concept
+    return DemoImage(image_id, category, region, findings, tuple(dict.fromkeys(cuis)))
+
+
+def make_demo_dataset(
+    out: Path | str, n_train: int = 700, n_valid: int = 350, n_test: int = 250, seed: int = 0, image_size: int = 128
+) -> dict:
+    """Write the dataset under `out` and return a summary (counts per split and category, paths).
+
+    Layout: train/<CAT>/<ID>.jpg, valid/<CAT>/<ID>.jpg, train_concepts.csv and valid_concepts.csv
+    (2020 TSV), test/<ID>.jpg (flat), test_concepts.csv and test_categories.csv (held-out truth).
+    A folder written before by this function is replaced; any other non-empty folder is refused.
+    """
+    out = Path(out)
+    if min(n_train, n_valid, n_test) < 1 or image_size < 16:
+        raise DataError(out, "need at least one image per split and image_size >= 16")
+    _prepare_output(out)
+    rng = np.random.default_rng(seed)
+    total = n_train + n_valid + n_test
+    numbers = rng.choice(np.arange(10_000, 10_000 + max(90_000, 2 * total)), size=total, replace=False)
+    rare = rare_pool(total)
+    images = [sample_image(f"synpic{number}", rng, rare) for number in numbers]
+    end_valid = n_train + n_valid
+    splits = {"train": images[:n_train], "valid": images[n_train:end_valid], "test": images[end_valid:]}
+    for name, members in splits.items():
+        for image in members:
+            folder = out / name if name == "test" else out / name / image.category
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = render_image(image.category, image.region, set(image.findings), rng, image_size)
+            Image.fromarray(pixels, "RGB").save(folder / f"{image.image_id}.jpg", quality=90)
+        _write_concepts(out / f"{name}_concepts.csv", members)
+    categories = "".join(f"{image.image_id},{image.category}\n" for image in splits["test"])
+    atomic_write_text(out / "test_categories.csv", "ID,CATEGORY\n" + categories)
+    summary = _summary(out, splits, seed, image_size)
+    atomic_write_json(out / _MARKER, summary)
+    return summary
+
+
+def _prepare_output(out: Path) -> None:
+    """Clear a previous demo (so stale images cannot outlive their concept file); refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / _MARKER
+        if not marker.is_file() or not isinstance(read_json(marker), dict):
+            raise DataError(out, "folder is not empty and was not written by make-demo; choose another folder")
+        for name in ("train", "valid", "test"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_concepts(path: Path, images: list[DemoImage]) -> None:
+    atomic_write_text(path, "".join(f"{image.image_id}\t{';'.join(image.cuis)}\n" for image in images))
+
+
+def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_size: int) -> dict:
+    all_images = [image for members in splits.values() for image in members]
+    vocabulary = {cui for image in all_images for cui in image.cuis}
+    return {
+        "out": str(out),
+        "seed": seed,
+        "image_size": image_size,
+        "splits": {
+            name: {
+                "images": len(members),
+                "categories": dict(sorted(Counter(image.category for image in members).items())),
+            }
+            for name, members in splits.items()
+        },
+        "vocabulary_size": len(vocabulary),
+        "concepts_per_image": round(float(np.mean([len(image.cuis) for image in all_images])), 2),
+        "paths": {
+            "train_images": str(out / "train"),
+            "valid_images": str(out / "valid"),
+            "test_images": str(out / "test"),
+            "train_concepts": str(out / "train_concepts.csv"),
+            "valid_concepts": str(out / "valid_concepts.csv"),
+            "test_concepts": str(out / "test_concepts.csv"),
+            "test_categories": str(out / "test_categories.csv"),
+        },
+    }

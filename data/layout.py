@@ -1,0 +1,184 @@
+"""Where images and concept files live in a dataset folder (the ImageCLEF 2020 layout).
+
+    DATA/train/<CATEGORY>/<ID>.jpg     DATA/train_concepts.csv
+    DATA/valid/<CATEGORY>/<ID>.jpg     DATA/valid_concepts.csv
+    <test folder>/<ID>.jpg             (flat; category subfolders are also understood)
+
+Categories are whatever the sub-folders are called, so another year's or another dataset's
+modality set needs no code change. Images and concept rows are joined strictly: a label for a
+missing image or an image without a label usually means the wrong file was copied, and training
+on half a dataset without noticing costs far more than an early error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.concepts import read_concept_rows
+from data.errors import ConceptFileError, DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "valid": ("valid", "validation", "val", "dev"),
+    "test": ("test", "testing"),
+}
+_CONCEPT_SUFFIXES = (".csv", ".txt", ".tsv")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file; `category` is its sub-folder name, None in a flat folder."""
+
+    image_id: str
+    path: Path
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelledSplit:
+    """Images of one split with their concepts; `records` fixes the order everything else follows."""
+
+    name: str
+    records: tuple[ImageRecord, ...]
+    concepts: Mapping[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [record.image_id for record in self.records]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [record.path for record in self.records]
+
+    @property
+    def categories(self) -> list[str | None]:
+        return [record.category for record in self.records]
+
+    @property
+    def concept_lists(self) -> list[list[str]]:
+        return [self.concepts[record.image_id] for record in self.records]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_image_folder(folder: Path | str) -> list[ImageRecord]:
+    """Images of a folder sorted by ID: files directly inside (no category) and one level of
+    category sub-folders. The same ID twice (e.g. in two categories) is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "image folder not found")
+    records: list[ImageRecord] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # .cache and other hidden folders
+        if entry.is_dir():
+            records.extend(
+                ImageRecord(path.stem, path, entry.name) for path in sorted(entry.iterdir()) if is_image_file(path)
+            )
+        elif is_image_file(entry):
+            records.append(ImageRecord(entry.stem, entry, None))
+    if not records:
+        raise DataError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or its sub-folders")
+    seen: dict[str, Path] = {}
+    for record in records:
+        if record.image_id in seen:
+            raise DataError(record.path, f"image ID {record.image_id!r} also used by {seen[record.image_id]}")
+        seen[record.image_id] = record.path
+    return sorted(records, key=lambda record: record.image_id)
+
+
+def split_folder(data_dir: Path | str, split: str) -> Path:
+    """The image folder of a split (`valid` also matches `validation/`, `val/`...)."""
+    data_dir = Path(data_dir)
+    for name in _SPLIT_ALIASES.get(split, (split,)):
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise DataError(data_dir, f"no image folder for the {split!r} split (expected {data_dir / split})")
+
+
+def find_concept_file(data_dir: Path | str, split: str) -> Path:
+    """The concept file of a split under the usual names, else the one file naming split and concepts."""
+    data_dir = Path(data_dir)
+    aliases = _SPLIT_ALIASES.get(split, (split,))
+    for alias in aliases:
+        for stem in (f"{alias}_concepts", f"{alias}-concepts", f"{alias}", f"{alias}/concepts", f"{alias}/cuis"):
+            for suffix in _CONCEPT_SUFFIXES:
+                candidate = data_dir / f"{stem}{suffix}"
+                if candidate.is_file():
+                    return candidate
+    loose = sorted(
+        path
+        for path in (data_dir.iterdir() if data_dir.is_dir() else ())
+        if path.is_file()
+        and path.suffix.lower() in _CONCEPT_SUFFIXES
+        and "concept" in path.name.lower()
+        and any(alias in path.name.lower() for alias in aliases)
+    )
+    if len(loose) == 1:
+        return loose[0]
+    if len(loose) > 1:
+        names = ", ".join(path.name for path in loose)
+        raise DataError(data_dir, f"several concept files could be the {split!r} one: {names}")
+    expected = data_dir / f"{split}_concepts.csv"
+    raise DataError(data_dir, f"no concept file for the {split!r} split (expected {expected})")
+
+
+def load_split(data_dir: Path | str, split: str, allow_unlisted: bool = False) -> LabelledSplit:
+    """Join a split's images with its concept file, in concept-file order.
+
+    A concept row without an image is a ConceptFileError at that row. An image without a row is an
+    error naming the image unless `allow_unlisted`, which leaves such images out with a warning.
+    """
+    concept_path = find_concept_file(data_dir, split)
+    image_folder = split_folder(data_dir, split)
+    images = {record.image_id: record for record in list_image_folder(image_folder)}
+    rows = read_concept_rows(concept_path)
+    listed = set()
+    records: list[ImageRecord] = []
+    for row in rows:
+        record = images.get(row.image_id)
+        if record is None:
+            message = f"image {row.image_id!r} has concepts but no image file under {image_folder}"
+            raise ConceptFileError(concept_path, message, row.line)
+        listed.add(row.image_id)
+        records.append(record)
+    unlisted = [record for image_id, record in sorted(images.items()) if image_id not in listed]
+    if unlisted and not allow_unlisted:
+        raise DataError(
+            unlisted[0].path,
+            f"image is not listed in {concept_path} ({len(unlisted)} unlisted image(s) in the {split!r} split; "
+            "pass allow_unlisted=True to leave them out)",
+        )
+    if unlisted:
+        warnings.warn(
+            f"{len(unlisted)} image(s) of the {split!r} split are not in {concept_path} and were left out "
+            f"(first: {unlisted[0].path})",
+            stacklevel=2,
+        )
+    return LabelledSplit(split, tuple(records), {row.image_id: row.cuis for row in rows})
+
+
+def discover_categories(data_dir: Path | str) -> list[str]:
+    """Category names from the sub-folders (holding images) of the train split, else the valid split."""
+    for split in ("train", "valid"):
+        try:
+            folder = split_folder(data_dir, split)
+        except DataError:
+            continue
+        names = sorted(
+            entry.name
+            for entry in folder.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".") and any(is_image_file(p) for p in entry.iterdir())
+        )
+        if names:
+            return names
+    return []

@@ -1,0 +1,75 @@
+"""Shared fixtures: real radiology images (from pydicom-data, offline) and a small demo dataset.
+
+Real scans exercise what synthetic arrays miss: 16-bit depth, MONOCHROME1 inversion, odd sizes,
+ultrasound RGB with burnt-in text. They are written once per session as JPEG/PNG in the modes the
+challenge data contains; tests must treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _dicom_pixels(name: str) -> np.ndarray:
+    """Pixel array of a pydicom test file, resolved from the installed data packages (never the network)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is not installed")
+    dataset = pydicom.dcmread(path)
+    pixels = dataset.pixel_array
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":  # 0 is white: invert to the usual look
+        pixels = pixels.max() - pixels
+    return pixels
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    pixels = pixels.astype(np.float64)
+    return np.round(255 * (pixels - pixels.min()) / max(np.ptp(pixels), 1)).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def real_radiology_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Name -> file of real scans saved in each mode we must read (L, RGB, P, RGBA, CMYK, I;16)."""
+    folder = tmp_path_factory.mktemp("real_radiology")
+    ct = _to_uint8(_dicom_pixels("CT_small.dcm"))  # CT, int16 -> 8-bit, 128 x 128
+    mr = _dicom_pixels("MR2_UNCR.dcm")[::2, ::2]  # MR, uint16, 512 x 512
+    xr = _dicom_pixels("RG1_UNCI.dcm")[::4, ::4]  # CR X-ray (MONOCHROME1), uint16
+    us = _dicom_pixels("US1_UNCI.dcm")  # ultrasound, RGB uint8, 480 x 640
+    emri = _dicom_pixels("emri_small.dcm")[0]  # MR, uint16, 64 x 64
+    files = {
+        "ct_gray_jpeg": (Image.fromarray(ct, "L"), "ct.jpg"),
+        "xr_gray_png": (Image.fromarray(_to_uint8(xr), "L"), "xr.png"),
+        "us_rgb_jpeg": (Image.fromarray(us, "RGB"), "us.jpg"),
+        "us_palette_png": (Image.fromarray(us, "RGB").quantize(64), "us_palette.png"),
+        "us_rgba_png": (Image.fromarray(np.dstack([us, np.full(us.shape[:2], 128, np.uint8)]), "RGBA"), "us_rgba.png"),
+        "us_cmyk_jpeg": (Image.fromarray(us, "RGB").convert("CMYK"), "us_cmyk.jpg"),
+        "mr_16bit_png": (Image.fromarray(mr.astype(np.uint16)), "mr16.png"),
+        "emri_16bit_png": (Image.fromarray(emri.astype(np.uint16)), "emri16.png"),
+    }
+    paths = {}
+    for name, (image, file_name) in files.items():
+        image.save(folder / file_name)
+        paths[name] = folder / file_name
+    return paths
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo dataset (seed 0) shared by the tests that only read it."""
+    from data.demo import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo") / "DATA"
+    make_demo_dataset(out, n_train=140, n_valid=70, n_test=50, seed=0, image_size=64)
+    return out

@@ -1,0 +1,79 @@
+"""The synthetic demo dataset: valid layout, deterministic, and modality-dependent pixels and concepts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.concepts import read_category_file, read_concept_file
+from data.demo import FINDING_CUIS, MODALITIES, make_demo_dataset
+from data.errors import DataError
+from data.images import load_resized_array
+from data.layout import discover_categories, list_image_folder, load_split
+
+
+def test_layout_loads_with_load_split(demo_dataset: Path) -> None:
+    train, valid = load_split(demo_dataset, "train"), load_split(demo_dataset, "valid")
+    assert len(train) == 140 and len(valid) == 70
+    assert discover_categories(demo_dataset) == sorted(MODALITIES)
+    test = list_image_folder(demo_dataset / "test")
+    assert len(test) == 50 and all(record.category is None for record in test)
+    truth = read_concept_file(demo_dataset / "test_concepts.csv")
+    categories = read_category_file(demo_dataset / "test_categories.csv")
+    assert set(truth) == set(categories) == {record.image_id for record in test}
+    assert not set(train.image_ids) & set(valid.image_ids) & set(truth)
+    assert all(image_id.startswith("synpic") for image_id in train.image_ids)
+    mean_concepts = np.mean([len(concepts) for concepts in train.concept_lists + valid.concept_lists])
+    assert 4.0 <= mean_concepts <= 8.0
+
+
+def test_same_seed_same_dataset_other_seed_differs(tmp_path: Path) -> None:
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        make_demo_dataset(tmp_path / name, n_train=12, n_valid=6, n_test=4, seed=seed, image_size=32)
+    text = {name: (tmp_path / name / "train_concepts.csv").read_text() for name in "abc"}
+    assert text["a"] == text["b"] != text["c"]
+    first = sorted((tmp_path / "a" / "train").rglob("*.jpg"))[0]
+    assert first.read_bytes() == (tmp_path / "b" / first.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_rerun_replaces_a_demo_but_refuses_other_folders(tmp_path: Path) -> None:
+    make_demo_dataset(tmp_path / "d", n_train=10, n_valid=5, n_test=3, seed=0, image_size=32)
+    make_demo_dataset(tmp_path / "d", n_train=8, n_valid=5, n_test=3, seed=1, image_size=32)
+    assert len(load_split(tmp_path / "d", "train")) == 8  # no stale images from the first run
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not empty"):
+        make_demo_dataset(tmp_path / "mine", n_train=5, n_valid=5, n_test=5)
+
+
+def test_concepts_depend_on_modality(demo_dataset: Path) -> None:
+    split = load_split(demo_dataset, "train")
+    by_category: dict[str, list[list[str]]] = {}
+    for category, concepts in zip(split.categories, split.concept_lists):
+        by_category.setdefault(category, []).append(concepts)
+    counts = Counter(split.categories)
+    assert counts["DRCT"] > counts["DRMR"] > counts["DRPE"]  # imbalanced like the real data
+    own_modality = [MODALITIES[category].cui in concepts for category, concepts in zip(split.categories, split.concept_lists)]
+    assert np.mean(own_modality) > 0.85
+    for category, lists in by_category.items():
+        others = [m.cui for name, m in MODALITIES.items() if name != category]
+        assert not any(cui in concepts for concepts in lists for cui in others)
+    doppler = FINDING_CUIS["doppler"]
+    assert all(category == "DRUS" for category, concepts in zip(split.categories, split.concept_lists) if doppler in concepts)
+
+
+def test_modality_is_visible_in_the_pixels(demo_dataset: Path) -> None:
+    """A linear classifier on 16x16 thumbnails already routes most images correctly."""
+    from sklearn.linear_model import RidgeClassifier
+
+    train, valid = load_split(demo_dataset, "train"), load_split(demo_dataset, "valid")
+
+    def features(split):  # noqa: ANN001, ANN202
+        return np.stack([load_resized_array(path, 16).astype(np.float32).ravel() / 255 for path in split.paths])
+
+    train_x, valid_x = features(train), features(valid)
+    predicted = RidgeClassifier().fit(train_x, train.categories).predict(valid_x)
+    assert np.mean(predicted == np.array(valid.categories)) > 0.85
