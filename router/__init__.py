@@ -1,1 +1,5 @@
-"""router package."""
+"""The modality router (softmax CNN over the modality categories)."""
+
+from router.model import ModalityRouter
+
+__all__ = ["ModalityRouter"]

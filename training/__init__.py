@@ -1,1 +1,1 @@
-"""training package."""
+"""One training loop for every network: backbones by timm name, weight sources, losses, checkpoints."""

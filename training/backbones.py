@@ -1,0 +1,145 @@
+"""Networks by timm name: a pretrained backbone, a fresh head, and the input normalisation inside.
+
+The network takes the uint8 (N, 3, S, S) batches the data loaders produce and normalises them
+itself with the backbone's own mean/std, so no caller can feed ImageNet-normalised pixels to a
+model pretrained with another normalisation (EfficientNet-Lite uses 0.5/0.5, not ImageNet's).
+The backbone is built with num_classes=0 (it returns pooled features) and the head is separate,
+so head-only training can cache the features and `embed` returns exactly what the head sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from training.weights import (
+    HUB_WEIGHTS,
+    LITE_PACKAGE_WEIGHTS,
+    NO_WEIGHTS,
+    WeightsError,
+    is_weight_file,
+    lite_package_weight_file,
+    load_into_backbone,
+    read_state_dict,
+)
+
+
+class ImageClassifier(nn.Module):
+    """Normalisation + timm backbone (pooled features) + dropout/linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = int(backbone.num_features)
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
+        mean = torch.tensor(backbone.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
+        std = torch.tensor(backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
+        # Scaled to 0..255 so uint8 pixels are normalised in one subtract and divide.
+        self.register_buffer("pixel_mean", (mean * 255.0).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", (std * 255.0).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head[1].out_features)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of uint8 (or 0..255 float) NCHW images."""
+        return self.backbone(self.normalise(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def set_head_bias(self, bias: torch.Tensor) -> None:
+        """Start the logits at the class priors so early epochs do not fight a 0.5 guess on rare classes."""
+        with torch.no_grad():
+            self.head[1].bias.copy_(bias.to(self.head[1].bias))
+
+
+def create_backbone(name: str, weights: str) -> nn.Module:
+    """A timm backbone returning pooled features, initialised from the named weight source."""
+    if weights == HUB_WEIGHTS:
+        return _hub_backbone(name)
+    if weights != NO_WEIGHTS and weights != LITE_PACKAGE_WEIGHTS and not is_weight_file(weights):
+        raise WeightsError(
+            f"unknown weight source {weights!r}: use {NO_WEIGHTS!r}, {HUB_WEIGHTS!r}, {LITE_PACKAGE_WEIGHTS!r} "
+            "or a path ending in .pth, .pt or .safetensors"
+        )
+    weight_file = lite_package_weight_file(name) if weights == LITE_PACKAGE_WEIGHTS else None
+    if weights not in (NO_WEIGHTS, LITE_PACKAGE_WEIGHTS):
+        weight_file = Path(os.path.expanduser(weights))
+        if not weight_file.is_file():
+            raise WeightsError(f"{weight_file}: weight file not found (training.weights)")
+    backbone = _timm_model(name, pretrained=False)
+    if weight_file is not None:
+        load_into_backbone(backbone, read_state_dict(weight_file), origin=str(weight_file))
+    return backbone
+
+
+def create_network(name: str, weights: str, num_classes: int, drop_rate: float) -> ImageClassifier:
+    """The network every model trains: `name` is a timm model name, `weights` a weight source."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return ImageClassifier(create_backbone(name, weights), num_classes, drop_rate)
+
+
+def _timm_model(name: str, pretrained: bool) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise WeightsError(f"unknown timm backbone {name!r} (see timm.list_models())") from error
+        raise
+
+
+def _hub_backbone(name: str) -> nn.Module:
+    try:
+        return _timm_model(name, pretrained=True)
+    except WeightsError:
+        raise
+    except Exception as error:  # noqa: BLE001 - network, offline mode, missing hub entry: one user problem
+        raise WeightsError(
+            f"{name}: could not fetch pretrained weights from the Hugging Face hub ({type(error).__name__}: "
+            f"{str(error)[:300]}). Offline, use weights = {LITE_PACKAGE_WEIGHTS!r} (EfficientNet-Lite) or a local "
+            ".pth/.safetensors file"
+        ) from error
+
+
+def layer_groups(backbone: nn.Module) -> list[list[str]]:
+    """Backbone parameter names grouped stem -> stages (timm's coarse groups), bottom to top."""
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    return [list(names) for _, names in sorted(groups.items())]
+
+
+def unfreeze_top_groups(network: ImageClassifier, groups: Sequence[Sequence[str]], count: int) -> None:
+    """Train the head and the top `count` backbone groups; freeze the rest (count < 0: everything)."""
+    trainable: set[str] = set()
+    if count < 0 or count >= len(groups):
+        trainable = {name for group in groups for name in group}
+    elif count > 0:
+        trainable = {name for group in groups[-count:] for name in group}
+    for name, parameter in network.backbone.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    for parameter in network.head.parameters():
+        parameter.requires_grad_(True)
+
+
+def train_mode_except_frozen(module: nn.Module) -> None:
+    """train() mode, but batch norms whose weights are frozen keep their running statistics.
+
+    Updating ImageNet BN statistics under frozen weights would shift every frozen feature.
+    """
+    module.train()
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            own = list(child.parameters(recurse=False))
+            if own and not any(parameter.requires_grad for parameter in own):
+                child.eval()

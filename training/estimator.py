@@ -1,0 +1,235 @@
+"""The sklearn-style shell shared by ModalityRouter and ConceptModel.
+
+`__init__` only stores settings; `fit` trains through `training.loop.fit_network` (or loads the
+finished work directory); learned state ends with `_`. Subclasses only say how their targets are
+encoded, which loss and metric they use, and what they remember from validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from core.config import AugmentConfig, TrainingConfig
+from training.backbones import ImageClassifier, create_network
+from training.batches import ImageBatches, Targets, batch_loader, check_images
+from training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
+from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
+from training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
+from training.runtime import progress_enabled, resolve_device, seed_everything
+
+log = logging.getLogger("conceptclef")
+
+
+def training_config_from_dict(values: dict[str, Any]) -> TrainingConfig:
+    """Rebuild the TrainingConfig stored (as plain values) in a checkpoint."""
+    known = {item.name for item in dataclasses.fields(TrainingConfig)}
+    values = {key: value for key, value in values.items() if key in known}
+    augment = AugmentConfig(**values.pop("augment", {}))
+    return TrainingConfig(**values, augment=augment)
+
+
+def _targets_digest(targets: Targets) -> str:
+    digest = hashlib.sha256()
+    if sp.issparse(targets):
+        matrix = sp.csr_matrix(targets)
+        matrix.sort_indices()
+        for part in (matrix.indptr, matrix.indices, matrix.data):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        digest.update(str(matrix.shape).encode())
+    else:
+        digest.update(np.ascontiguousarray(targets).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class NetworkEstimator:
+    """Common fit/load/predict machinery; see ModalityRouter and ConceptModel."""
+
+    kind: ClassVar[str] = ""
+    activation: ClassVar[Activation] = "sigmoid"
+
+    def __init__(
+        self, training: TrainingConfig, image_size: int, device: str = "auto", seed: int = 0, num_workers: int = 0
+    ) -> None:
+        self.training = training
+        self.image_size = image_size
+        self.device = device
+        self.seed = seed
+        self.num_workers = num_workers
+
+    # -- what subclasses define -------------------------------------------------------------
+    def _objective(self, targets: Targets, num_classes: int) -> Objective:
+        raise NotImplementedError
+
+    def _initial_bias(self, targets: Targets, num_classes: int) -> torch.Tensor | None:
+        return None
+
+    def _summarize(self, outputs: np.ndarray, targets: Targets) -> dict[str, Any]:
+        return {}
+
+    def _adopt(self, classes: list[str], history: list[dict[str, Any]], best_metric: float, summary: dict[str, Any]) -> None:
+        """Set the subclass's public learned attributes."""
+        raise NotImplementedError
+
+    # -- training ---------------------------------------------------------------------------
+    def _fit(
+        self,
+        images: Any,
+        targets: Targets,
+        classes: list[str],
+        valid_images: Any,
+        valid_targets: Targets,
+        work_dir: Path,
+        on_epoch_end: EpochCallback | None,
+    ) -> "NetworkEstimator":
+        work_dir = Path(work_dir)
+        check_images(images, self.image_size, f"{self.kind} training images")
+        check_images(valid_images, self.image_size, f"{self.kind} validation images")
+        if len(images) == 0 or len(valid_images) == 0:
+            raise ValueError(f"{self.kind}: needs at least one training and one validation image (early stopping uses validation)")
+        fingerprint = self._fingerprint(classes, targets, valid_targets)
+        if self._load_finished(work_dir, fingerprint):
+            log.info("%s: %s is already trained; loaded", self.kind, work_dir)
+            return self
+        device = resolve_device(self.device)
+        seed_everything(self.seed)  # the new head (and a "none" backbone) start from the seed too
+        network = create_network(self.training.backbone, self.training.weights, len(classes), self.training.drop_rate)
+        bias = self._initial_bias(targets, len(classes))
+        if bias is not None:
+            network.set_head_bias(bias)
+        settings = RunSettings(device, self.seed, self.num_workers, progress_enabled(), label=f"{self.kind} {work_dir.name}")
+        result: FitResult = fit_network(
+            network,
+            self._objective(targets, len(classes)),
+            self.training,
+            (images, targets),
+            (valid_images, valid_targets),
+            work_dir,
+            settings,
+            checkpoint_metadata=self._metadata(network, classes),
+            fingerprint=fingerprint,
+            summarize=lambda outputs: self._summarize(outputs, valid_targets),
+            on_epoch_end=on_epoch_end,
+        )
+        self.network_, self.device_ = network, device
+        self._adopt(classes, result.history, result.best_metric, result.summary)
+        return self
+
+    def _fingerprint(self, classes: list[str], targets: Targets, valid_targets: Targets) -> str:
+        job = {
+            "kind": self.kind,
+            "training": dataclasses.asdict(self.training),
+            "image_size": self.image_size,
+            "seed": self.seed,
+            "classes": classes,
+            "train": _targets_digest(targets),
+            "valid": _targets_digest(valid_targets),
+        }
+        return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _metadata(self, network: ImageClassifier, classes: list[str]) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "activation": self.activation,
+            "backbone": self.training.backbone,
+            "num_classes": len(classes),
+            "num_features": network.num_features,
+            "drop_rate": self.training.drop_rate,
+            "image_size": self.image_size,
+            "seed": self.seed,
+            "classes": list(classes),
+            "training": dataclasses.asdict(self.training),
+        }
+
+    def _load_finished(self, work_dir: Path, fingerprint: str) -> bool:
+        """Adopt a finished run of this very job; False (retrain) when it is absent, different or damaged."""
+        state = RunFiles(work_dir).read_state()
+        if not state or not state.get("finished"):
+            return False
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s: trained with another config or dataset; retraining", work_dir)
+            return False
+        try:
+            self._restore(load_checkpoint(RunFiles(work_dir).best), resolve_device(self.device))
+        except (CheckpointError, FileNotFoundError, KeyError, RuntimeError) as error:
+            warnings.warn(f"{work_dir}: finished run cannot be loaded ({error}); retraining from scratch", RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+    def _restore(self, payload: dict[str, Any], device: torch.device) -> None:
+        if payload.get("kind") != self.kind:
+            raise CheckpointError(f"checkpoint holds a {payload.get('kind')!r} network, not a {self.kind!r}")
+        network = create_network(payload["backbone"], "none", int(payload["num_classes"]), float(payload["drop_rate"]))
+        network.load_state_dict(payload["model"])
+        self.network_ = network.to(device).eval()
+        self.device_ = device
+        self._adopt(list(payload["classes"]), list(payload.get("history", [])), float(payload["metric"]), dict(payload.get("summary", {})))
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, work_dir: Path, device: str = "auto") -> "NetworkEstimator":
+        """A trained model from checkpoint.pt alone (no config file or data needed)."""
+        payload = load_checkpoint(RunFiles(work_dir).best)
+        estimator = cls(
+            training_config_from_dict(payload["training"]), int(payload["image_size"]), device, int(payload.get("seed", 0))
+        )
+        estimator._restore(payload, resolve_device(device))
+        return estimator
+
+    @staticmethod
+    def is_trained(work_dir: Path) -> bool:
+        """True when the run finished and its checkpoint is readable."""
+        files = RunFiles(work_dir)
+        state = files.read_state()
+        if not state or not state.get("finished") or state.get("format_version") != FORMAT_VERSION:
+            return False
+        try:
+            load_checkpoint(files.best)
+        except (CheckpointError, FileNotFoundError):
+            return False
+        return True
+
+    # -- prediction -------------------------------------------------------------------------
+    def _outputs(self, images: Any, probabilities: bool, embeddings: bool) -> list[np.ndarray]:
+        if not hasattr(self, "network_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
+        check_images(images, self.image_size, f"{self.kind} images")
+        network = self.network_.eval()
+        widths = ([network.num_classes] if probabilities else []) + ([network.num_features] if embeddings else [])
+        if len(images) == 0:
+            return [np.zeros((0, width), dtype=np.float32) for width in widths]
+
+        def forward(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            features = network.features(inputs)
+            outputs = []
+            if probabilities:
+                outputs.append(to_probabilities(network.head(features), self.activation))
+            if embeddings:
+                outputs.append(features)
+            return tuple(outputs)
+
+        settings = DeviceSettings.for_device(self.device_, self.training.amp, self.training.channels_last)
+        loader = batch_loader(ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers)
+        return run_forward(forward, loader, len(images), settings, progress_enabled(), f"{self.kind} predict")
+
+    def predict_proba(self, images: Any) -> np.ndarray:
+        """(n, classes) float32 probabilities."""
+        return self._outputs(images, probabilities=True, embeddings=False)[0]
+
+    def embed(self, images: Any) -> np.ndarray:
+        """(n, D) float32 pooled backbone features (what the head sees; used for kNN retrieval)."""
+        return self._outputs(images, probabilities=False, embeddings=True)[0]
+
+    def predict_proba_and_embed(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and embeddings from one forward pass."""
+        probabilities, embeddings = self._outputs(images, probabilities=True, embeddings=True)
+        return probabilities, embeddings

@@ -1,0 +1,85 @@
+"""Forward passes without gradients: validation outputs, cached features, predictions, embeddings.
+
+Outputs are assembled by row index, so the same code serves a single process (all rows) and a
+distributed run (each rank's shard, concatenated by `gather_rows` before assembly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+Activation = Literal["softmax", "sigmoid"]
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where and how tensors are computed: AMP and channels_last only ever apply on CUDA."""
+
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device, amp: bool, channels_last: bool) -> "DeviceSettings":
+        on_cuda = device.type == "cuda"
+        return cls(device=device, amp=amp and on_cuda, channels_last=channels_last and on_cuda)
+
+    def inputs(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def autocast(self):  # noqa: ANN201 - a context manager
+        return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
+
+
+def to_probabilities(logits: torch.Tensor, activation: Activation) -> torch.Tensor:
+    logits = logits.float()
+    return torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+
+
+def gather_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, outputs) computed by this process; a distributed run all-gathers them here."""
+    return parts
+
+
+def assemble(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> np.ndarray:
+    """Place each part's rows at their indices: (size, D) float32."""
+    if not parts:
+        return np.zeros((size, 0), dtype=np.float32)
+    width = parts[0][1].shape[1]
+    result = np.zeros((size, width), dtype=np.float32)
+    for rows, values in parts:
+        result[rows.numpy()] = values.numpy()
+    return result
+
+
+@torch.no_grad()
+def run_forward(
+    forward: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
+    batches: Iterable,
+    size: int,
+    settings: DeviceSettings,
+    progress: bool = False,
+    description: str = "predict",
+) -> list[np.ndarray]:
+    """Run `forward` over (inputs, targets, rows) batches; one (size, D) array per output of `forward`."""
+    collected: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for inputs, _, rows in tqdm(batches, desc=description, disable=not progress, leave=False):
+        with settings.autocast():
+            outputs = forward(settings.inputs(inputs))
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        if not collected:
+            collected = [[] for _ in outputs]
+        for bucket, output in zip(collected, outputs):
+            bucket.append((rows.cpu(), output.float().cpu()))
+    return [assemble(gather_rows(bucket), size) for bucket in collected]
