@@ -86,11 +86,7 @@ def cross_fitted_threshold_decisions(probs: np.ndarray, truth: sp.csr_matrix, ou
 
 
 def make_tuner(config: Config) -> ConceptThresholdTuner:
-    return ConceptThresholdTuner(
-        prior_strength=config.ensemble.threshold_prior_strength,
-        min_labels=config.ensemble.min_labels,
-        max_labels=config.ensemble.max_labels,
-    )
+    return ConceptThresholdTuner.from_config(config.ensemble)
 
 
 def scores_by_image(decisions: sp.spmatrix, labelled: LabelledOutputs) -> np.ndarray:

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from core.config import Config
 from core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from data.vocabulary import ConceptVocabulary
-from ensemble.decoding import choose_decision_rule, load_decider
+from ensemble.decoding import choose_decision_rule, load_decision, save_decision
 from ensemble.inputs import StackingInputs, project_to_columns
 from ensemble.knn import NearestNeighbourScorer
 from ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
@@ -32,7 +32,7 @@ log = logging.getLogger("conceptclef")
 STATISTICS_FILE = "concept_statistics.npz"
 KNN_INDEX_FILE = "knn_index.npz"
 OOF_FILE = "oof_predictions.npz"
-DECISION_FILE = "decision.json"
+ENSEMBLE_FILE = "ensemble.json"
 VALID_TRUTH_FILE = "valid_truth.npz"
 
 
@@ -177,13 +177,12 @@ def fit_ensemble_stage(
     save_validation_truth(ensemble_dir / VALID_TRUTH_FILE, valid.image_ids, truth, truth_outside, [str(c) for c in valid.categories])
 
     log.info("ensemble: cross-fitting the stacker over %d folds", config.ensemble.folds)
-    oof = cross_fit_out_of_fold(inputs, truth, config.ensemble, seed=config.seed)
-    rule, decider, scores = choose_decision_rule(oof, truth, truth_outside, config.ensemble, seed=config.seed)
+    cross_fit = cross_fit_out_of_fold(inputs, truth, config.ensemble, seed=config.seed)
+    rule, decider, scores = choose_decision_rule(cross_fit.oof_probs, truth, truth_outside, config.ensemble, seed=config.seed)
     log.info("ensemble: decision rule %s (cross-validated F1 %s)", rule, {name: round(value, 4) for name, value in scores.items()})
-    stacker = ConceptStacker.from_config(config.ensemble, seed=config.seed).fit(inputs, truth)
-    stacker.save(ensemble_dir / "stacker")
-    decider.save(ensemble_dir / rule)
-    oof = sp.csr_matrix(oof, dtype=np.float32)
+    cross_fit.stacker.save(ensemble_dir)
+    save_decision(ensemble_dir, rule, decider, scores)
+    oof = sp.csr_matrix(cross_fit.oof_probs, dtype=np.float32)
     atomic_save_arrays(
         ensemble_dir / OOF_FILE,
         image_ids=np.array(outputs.image_ids),
@@ -193,7 +192,7 @@ def fit_ensemble_stage(
         shape=np.array(oof.shape),
     )
     atomic_write_json(
-        ensemble_dir / DECISION_FILE,
+        ensemble_dir / ENSEMBLE_FILE,
         {"rule": rule, "cross_validated_f1": scores, "vocabulary": vocabulary.fingerprint(), "categories": manifest.categories},
     )
 
@@ -244,18 +243,18 @@ class FittedEnsemble:
     @classmethod
     def load(cls, layout: RunLayout, config: Config, manifest: Manifest, vocabulary: ConceptVocabulary) -> "FittedEnsemble":
         ensemble_dir = layout.ensemble_dir
-        if "ensemble" not in manifest.finished_stages or not (ensemble_dir / DECISION_FILE).is_file():
+        if "ensemble" not in manifest.finished_stages or not (ensemble_dir / ENSEMBLE_FILE).is_file():
             raise RunDirectoryError(f"{layout.root}: the ensemble stage has not finished; rerun train-all")
-        decision = read_json(ensemble_dir / DECISION_FILE)
-        if decision["vocabulary"] != vocabulary.fingerprint() or decision["categories"] != manifest.categories:
+        record = read_json(ensemble_dir / ENSEMBLE_FILE)
+        if record["vocabulary"] != vocabulary.fingerprint() or record["categories"] != manifest.categories:
             raise RunDirectoryError(
-                f"{ensemble_dir / DECISION_FILE}: the ensemble was fitted for another vocabulary or category set; "
+                f"{ensemble_dir / ENSEMBLE_FILE}: the ensemble was fitted for another vocabulary or category set; "
                 "rerun `train-all --only ensemble`"
             )
-        rule = decision["rule"]
+        rule, decider = load_decision(ensemble_dir)
         return cls(
-            stacker=ConceptStacker.load(ensemble_dir / "stacker"),
-            decider=load_decider(rule, ensemble_dir / rule),
+            stacker=ConceptStacker.load(ensemble_dir),
+            decider=decider,
             rule=rule,
             statistics=ConceptStatistics.load(ensemble_dir / STATISTICS_FILE),
             knn=load_knn_scorer(ensemble_dir / KNN_INDEX_FILE, config.ensemble.knn_neighbours),
