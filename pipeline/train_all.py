@@ -72,7 +72,8 @@ def train_all(
         missing = _missing_base_models(layout, manifest)
         if missing:
             raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(missing)}")
-        if "ensemble" not in manifest.finished_stages:
+        # Asked for by name, the ensemble is re-fitted from the saved predictions even when done.
+        if "ensemble" not in manifest.finished_stages or (only and "ensemble" in only):
             fit_ensemble_stage(layout, config, manifest, train, valid, global_vocabulary)
             manifest.mark_finished("ensemble", layout)
     manifest.save(layout)

@@ -6,14 +6,20 @@ batch are read at a time, so 80,000 cached images never have to fit in memory. D
 indexed by whole batches (a BatchSampler yields index lists) so a memmap is read in one
 sorted gather per batch rather than one seek per image.
 
-Sampling lives in `batch_sampler` alone: distributed training replaces its inner sampler by a
-DistributedSampler and nothing else changes.
+Sampling lives in `batch_sampler` alone. Distributed (see training.distributed): evaluation gives
+each rank a contiguous shard of the rows (sizes may differ by one, nothing is padded or
+duplicated); training draws the single-process global batches from the shared (seed, epoch)
+generator and gives each rank its contiguous slice of every batch (`RankSlices`), so the
+per-rank batch is batch_size / world and the global batch, the order of batches and the
+gradient (averaged by DDP, see `training_batch_sizes`) stay those of one process.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,6 +28,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from training.augment import BatchAugmenter
+from training.distributed import SINGLE, Shard, shard_bounds, shard_indices
+from training.runtime import process_seed
 
 Targets = sp.spmatrix | np.ndarray | None
 
@@ -81,14 +89,58 @@ class FeatureBatches(Dataset):
         return self.features[index], targets_for(self.targets, rows), index
 
 
-def batch_sampler(size: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Sampler:
-    """Index lists for one pass; training drops a trailing batch of a single image.
+def trailing_batch_dropped(size: int, batch_size: int, world: int = 1) -> bool:
+    """Training drops a trailing batch too small for batch norm: one image, or under 2 per rank.
 
     (Batch norm cannot compute statistics of one image whose feature map is 1 x 1.)
     """
-    inner: Sampler = RandomSampler(range(size), generator=generator) if shuffle else SequentialSampler(range(size))
-    drop_last = shuffle and size > batch_size and size % batch_size == 1
-    return BatchSampler(inner, batch_size=batch_size, drop_last=drop_last)
+    trailing = size % batch_size
+    return size > batch_size and 0 < trailing < (2 * world if world > 1 else 2)
+
+
+def training_batch_sizes(size: int, batch_size: int, world: int = 1) -> list[int]:
+    """Global size of every training batch of an epoch (the same on every rank, whatever the shuffle).
+
+    The loop scales each rank's mean loss by its share of the global batch, so DDP's average of
+    the ranks' gradients is the gradient of the global batch's mean loss even when slices differ.
+    """
+    sizes = [batch_size] * (size // batch_size)
+    if size % batch_size and not trailing_batch_dropped(size, batch_size, world):
+        sizes.append(size % batch_size)
+    return sizes
+
+
+class RankSlices(Sampler[list[int]]):
+    """This rank's contiguous slice of every global batch (the batches are drawn identically on all ranks)."""
+
+    def __init__(self, batches: BatchSampler, shard: Shard) -> None:
+        self.batches = batches
+        self.shard = shard
+
+    def __iter__(self):  # noqa: ANN204 - a generator of index lists
+        for batch in self.batches:
+            start, stop = shard_bounds(len(batch), self.shard.rank, self.shard.world)
+            yield batch[start:stop]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def batch_sampler(
+    size: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None, shard: Shard = SINGLE
+) -> Sampler:
+    """Index lists for one pass of this rank (see the module docstring for the distributed split)."""
+    if not shuffle:
+        rows = shard_indices(size, shard.rank, shard.world).tolist() if shard.distributed else SequentialSampler(range(size))
+        return BatchSampler(rows, batch_size=batch_size, drop_last=False)
+    if shard.distributed and (batch_size < shard.world or size < shard.world):
+        raise ValueError(
+            f"{shard.world} processes need training.batch_size and the training set to hold at least one image per "
+            f"process (batch_size {batch_size}, {size} images)"
+        )
+    drop_last = trailing_batch_dropped(size, batch_size, shard.world)
+    batches = BatchSampler(RandomSampler(range(size), generator=generator), batch_size=batch_size, drop_last=drop_last)
+    return RankSlices(batches, shard) if shard.distributed else batches
 
 
 def batch_loader(
@@ -98,17 +150,32 @@ def batch_loader(
     num_workers: int = 0,
     generator: torch.Generator | None = None,
     pin_memory: bool = False,
+    shard: Shard = SINGLE,
 ) -> DataLoader:
-    """A DataLoader yielding whole batches from a batch-indexed dataset."""
+    """A DataLoader yielding whole batches (this rank's share of them) from a batch-indexed dataset.
+
+    `generator` draws the shuffle and the workers' base seed, identically on every rank; workers
+    of other ranks than 0 are re-seeded per rank so ranks do not augment alike.
+    """
+    reseed = partial(_reseed_worker, shard.rank) if shard.distributed and num_workers > 0 else None
     return DataLoader(
         dataset,
-        sampler=batch_sampler(len(dataset), batch_size, shuffle, generator),
+        sampler=batch_sampler(len(dataset), batch_size, shuffle, generator, shard),
         batch_size=None,
         num_workers=num_workers,
         generator=generator,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=reseed,
     )
+
+
+def _reseed_worker(rank: int, worker_id: int) -> None:
+    """Give a loader worker of `rank` its own random stream (the base seed is shared by all ranks)."""
+    seed = process_seed(torch.initial_seed(), rank)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def batch_count(size: int, batch_size: int) -> int:

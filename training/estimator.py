@@ -3,6 +3,11 @@
 `__init__` only stores settings; `fit` trains through `training.loop.fit_network` (or loads the
 finished work directory); learned state ends with `_`. Subclasses only say how their targets are
 encoded, which loss and metric they use, and what they remember from validation.
+
+Under torchrun, `fit`, `predict_proba`, `embed` and `predict_proba_and_embed` are collectives:
+every rank calls them with the same images. Prediction is sharded (each rank runs 1/world of the
+images) and all-gathered, so every rank returns the full result in the original row order and
+rank 0 can write it. `load` involves no other rank.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from core.config import AugmentConfig, TrainingConfig
+from training import distributed
 from training.backbones import ImageClassifier, create_network
 from training.batches import ImageBatches, Targets, batch_loader, check_images
 from training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
@@ -97,8 +103,12 @@ class NetworkEstimator:
         if len(images) == 0 or len(valid_images) == 0:
             raise ValueError(f"{self.kind}: needs at least one training and one validation image (early stopping uses validation)")
         fingerprint = self._fingerprint(classes, targets, valid_targets)
-        if self._load_finished(work_dir, fingerprint):
-            log.info("%s: %s is already trained; loaded", self.kind, work_dir)
+        finished = self._load_finished(work_dir, fingerprint)
+        # Every rank must take the same branch: one training while another returns would hang.
+        distributed.check_same_on_all_ranks(float(finished), f"{work_dir}: finished run found")
+        if finished:
+            if distributed.is_main_process():
+                log.info("%s: %s is already trained; loaded", self.kind, work_dir)
             return self
         device = resolve_device(self.device)
         seed_everything(self.seed)  # the new head (and a "none" backbone) start from the seed too
@@ -218,8 +228,9 @@ class NetworkEstimator:
             return tuple(outputs)
 
         settings = DeviceSettings.for_device(self.device_, self.training.amp, self.training.channels_last)
-        loader = batch_loader(ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers)
-        return run_forward(forward, loader, len(images), settings, progress_enabled(), f"{self.kind} predict")
+        shard = distributed.shard_for(len(images))
+        loader = batch_loader(ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers, shard=shard)
+        return run_forward(forward, loader, len(images), settings, progress_enabled(), f"{self.kind} predict", shard)
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """(n, classes) float32 probabilities."""

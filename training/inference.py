@@ -1,7 +1,8 @@
 """Forward passes without gradients: validation outputs, cached features, predictions, embeddings.
 
 Outputs are assembled by row index, so the same code serves a single process (all rows) and a
-distributed run (each rank's shard, concatenated by `gather_rows` before assembly).
+distributed run: each rank computes its contiguous shard, `gather_rows` all-gathers the shards
+(trimmed to their true sizes) and every rank assembles exactly the N rows in their original order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from training.distributed import SINGLE, Shard, all_gather_rows
 
 Activation = Literal["softmax", "sigmoid"]
 
@@ -46,19 +49,29 @@ def to_probabilities(logits: torch.Tensor, activation: Activation) -> torch.Tens
     return torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
 
 
-def gather_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(row indices, outputs) computed by this process; a distributed run all-gathers them here."""
-    return parts
+def gather_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], shard: Shard = SINGLE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, outputs) of this process; distributed, every rank's parts (one gathered part).
+
+    A collective: every rank calls it, each with at least one row (`distributed.shard_for`).
+    """
+    if not shard.distributed:
+        return parts
+    rows = torch.cat([part[0] for part in parts])
+    values = torch.cat([part[1] for part in parts])
+    return [(all_gather_rows(rows), all_gather_rows(values))]
 
 
 def assemble(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> np.ndarray:
-    """Place each part's rows at their indices: (size, D) float32."""
+    """Place each part's rows at their indices: (size, D) float32; every row exactly once."""
     if not parts:
         return np.zeros((size, 0), dtype=np.float32)
+    rows = torch.cat([part[0] for part in parts]).numpy()
+    if len(rows) != size or len(np.unique(rows)) != size:
+        raise RuntimeError(f"outputs cover {len(np.unique(rows))} distinct of {size} rows in {len(rows)} values")
     width = parts[0][1].shape[1]
     result = np.zeros((size, width), dtype=np.float32)
-    for rows, values in parts:
-        result[rows.numpy()] = values.numpy()
+    for part_rows, values in parts:
+        result[part_rows.numpy()] = values.numpy()
     return result
 
 
@@ -70,8 +83,13 @@ def run_forward(
     settings: DeviceSettings,
     progress: bool = False,
     description: str = "predict",
+    shard: Shard = SINGLE,
 ) -> list[np.ndarray]:
-    """Run `forward` over (inputs, targets, rows) batches; one (size, D) array per output of `forward`."""
+    """Run `forward` over (inputs, targets, rows) batches; one (size, D) array per output of `forward`.
+
+    `batches` must hold this rank's rows of `shard` (see `batches.batch_loader`); distributed,
+    every rank returns all `size` rows.
+    """
     collected: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for inputs, _, rows in tqdm(batches, desc=description, disable=not progress, leave=False):
         with settings.autocast():
@@ -82,4 +100,4 @@ def run_forward(
             collected = [[] for _ in outputs]
         for bucket, output in zip(collected, outputs):
             bucket.append((rows.cpu(), output.float().cpu()))
-    return [assemble(gather_rows(bucket), size) for bucket in collected]
+    return [assemble(gather_rows(bucket, shard), size) for bucket in collected]

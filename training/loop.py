@@ -18,9 +18,14 @@ Fine-tuning modes:
 Early stopping and LR reduction do not start counting while the metric has only ever been 0
 (with thousands of rare concepts, no probability may reach 0.5 for the first epochs).
 
-Distributed training plugs in at three places: `batches.batch_sampler` (a DistributedSampler),
-`inference.gather_rows` (all-gather validation outputs), and the file writes of `fit_network`
-(rank 0 only).
+Distributed (under torchrun, see training.distributed and docs/DISTRIBUTED.md): the trained
+module is wrapped in DistributedDataParallel; each rank trains on its slice of every global batch
+(`batches.batch_sampler`) with its loss scaled by its share of that batch, so the averaged
+gradient is the single-process one; head-mode features and validation outputs are computed on
+contiguous shards and all-gathered (`inference.gather_rows`), so every rank computes the metric
+on exactly the N validation rows and rank 0's metric drives early stopping and LR reduction on
+all ranks. Batch norm is synchronised across GPUs while training. Only rank 0 writes files;
+every rank reads the resume and best checkpoints after a barrier.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ from torch import nn
 from tqdm import tqdm
 
 from core.config import TrainingConfig
+from training import distributed
 from training.augment import build_augmenter
 from training.backbones import ImageClassifier, layer_groups, train_mode_except_frozen, unfreeze_top_groups
-from training.batches import FeatureBatches, ImageBatches, Targets, batch_loader
+from training.batches import FeatureBatches, ImageBatches, Targets, batch_loader, training_batch_sizes
 from training.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
@@ -52,7 +58,14 @@ from training.checkpoints import (
     save_checkpoint,
 )
 from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
-from training.runtime import capture_rng_state, epoch_seed, make_repeatable, restore_rng_state, seed_everything
+from training.runtime import (
+    capture_rng_state,
+    epoch_seed,
+    make_repeatable,
+    process_seed,
+    restore_rng_state,
+    seed_everything,
+)
 
 log = logging.getLogger("conceptclef")
 
@@ -133,6 +146,9 @@ def fit_network(
     network can be rebuilt from that file alone; `fingerprint` identifies the job, so a state
     left by a different config or dataset is never resumed. `on_epoch_end` is called after each
     epoch's checkpoint is on disk (an exception raised there interrupts the run resumably).
+
+    Under torchrun this is a collective: every rank calls it with the same data and gets the same
+    result; only rank 0 writes the files, and `on_epoch_end` runs on every rank.
     """
     files = RunFiles(work_dir)
     device_settings = DeviceSettings.for_device(settings.device, training.amp, training.channels_last)
@@ -142,7 +158,32 @@ def fit_network(
     if device_settings.channels_last:
         network.to(memory_format=torch.channels_last)
     initial_weights = cpu_state_dict(network)  # copies: restored if a resume attempt fails half-way
+    synced = distributed.sync_batch_norm_if_useful(network, settings.device) if training.finetune != "head" else None
+    try:
+        return _fit(
+            network, objective, training, train, valid, files, settings, device_settings, initial_weights,
+            checkpoint_metadata, fingerprint, summarize, on_epoch_end,
+        )
+    finally:
+        if synced is not None:
+            synced.restore()
 
+
+def _fit(
+    network: ImageClassifier,
+    objective: Objective,
+    training: TrainingConfig,
+    train: tuple[Any, Targets],
+    valid: tuple[Any, Targets],
+    files: RunFiles,
+    settings: RunSettings,
+    device_settings: DeviceSettings,
+    initial_weights: dict[str, torch.Tensor],
+    checkpoint_metadata: dict[str, Any],
+    fingerprint: str,
+    summarize: Callable[[np.ndarray], dict[str, Any]] | None,
+    on_epoch_end: EpochCallback | None,
+) -> FitResult:
     phase = _build_phase(network, training, train, valid, settings, device_settings)
     optimizer = _build_optimizer(phase.module, training)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -151,11 +192,13 @@ def fit_network(
     scaler = torch.amp.GradScaler("cuda", enabled=device_settings.amp)
     progress = _resume(files, fingerprint, network, optimizer, scheduler, scaler, initial_weights, objective)
     resumed_at = len(progress.history)
+    distributed.check_same_on_all_ranks(resumed_at, f"{files.work_dir}: epochs to resume after")  # also a barrier
     if resumed_at == 0:
-        files.clear()
-        files.write_state(_state(fingerprint, objective, progress, finished=False))
+        if distributed.is_main_process():
+            files.clear()
+            files.write_state(_state(fingerprint, objective, progress, finished=False))
     else:
-        log.info("%s: resuming after epoch %d (best %s %.4f)", settings.label, resumed_at, objective.metric_name, progress.best_metric)
+        _log(settings, "%s: resuming after epoch %d (best %s %.4f)", settings.label, resumed_at, objective.metric_name, progress.best_metric)
 
     groups = layer_groups(network.backbone) if training.finetune == "layerwise" else []
     best_outputs: np.ndarray | None = None
@@ -168,7 +211,8 @@ def fit_network(
         started = time.perf_counter()
         train_loss = _train_one_epoch(phase, objective, optimizer, scaler, training, settings, device_settings, generator, epoch)
         outputs = _validate(phase, objective, training, settings, device_settings, valid[1])
-        metric = float(objective.metric(outputs, valid[1]))
+        # Every rank holds the same gathered outputs; rank 0's metric makes the decisions identical anyway.
+        metric = distributed.broadcast_value(float(objective.metric(outputs, valid[1])))
         learning_rate = float(optimizer.param_groups[0]["lr"])
         # While no validation prediction crosses the threshold yet (F1 = 0 everywhere), a flat
         # metric means "not yet", not "no longer improving": patience and LR reduction wait.
@@ -182,24 +226,34 @@ def fit_network(
             "lr": learning_rate,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        if metric > progress.best_metric:
+        improved = metric > progress.best_metric
+        if improved:
             progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = metric, epoch + 1, 0
             best_outputs = outputs
-            save_checkpoint(files.best, _best_payload(network, checkpoint_metadata, fingerprint, epoch + 1, metric, objective))
         elif not still_at_zero:
             progress.epochs_without_improvement += 1
         progress.history.append(record)
-        _save_resume(files.resume, network, optimizer, scheduler, scaler, progress, fingerprint)
-        files.write_metrics(progress.history)
-        files.write_state(_state(fingerprint, objective, progress, finished=False))
-        log.info(
-            "%s epoch %d/%d: loss %.4f, valid %s %.4f, lr %.2g, %.1fs",
+        if distributed.is_main_process():
+            if improved:
+                save_checkpoint(files.best, _best_payload(network, checkpoint_metadata, fingerprint, epoch + 1, metric, objective))
+            _save_resume(files.resume, network, optimizer, scheduler, scaler, progress, fingerprint)
+            files.write_metrics(progress.history)
+            files.write_state(_state(fingerprint, objective, progress, finished=False))
+        distributed.barrier()  # the epoch's files are on disk for every rank (and every callback)
+        _log(
+            settings, "%s epoch %d/%d: loss %.4f, valid %s %.4f, lr %.2g, %.1fs",
             settings.label, epoch + 1, training.epochs, train_loss, objective.metric_name, metric, learning_rate, record["seconds"],
         )
         if on_epoch_end is not None:
             on_epoch_end(dict(record))
 
     return _finish(files, network, phase, objective, training, settings, device_settings, valid[1], progress, fingerprint, best_outputs, summarize, resumed_at)
+
+
+def _log(settings: RunSettings, message: str, *arguments: Any) -> None:
+    """Log on rank 0 only (every rank runs the same epochs)."""
+    if distributed.is_main_process():
+        log.info(message, *arguments)
 
 
 def _build_phase(
@@ -231,10 +285,16 @@ def extract_features(
     device_settings: DeviceSettings,
     description: str = "features",
 ) -> torch.Tensor:
-    """Pooled backbone features of every image, in eval mode (batch norm uses its running statistics)."""
+    """Pooled backbone features of every image, in eval mode (batch norm uses its running statistics).
+
+    Distributed, each rank computes a shard and every rank receives all rows.
+    """
     network.eval()
-    loader = batch_loader(ImageBatches(images), batch_size, shuffle=False, num_workers=settings.num_workers)
-    (features,) = run_forward(network.features, loader, len(images), device_settings, settings.progress, f"{settings.label} {description}")
+    shard = distributed.shard_for(len(images))
+    loader = batch_loader(ImageBatches(images), batch_size, shuffle=False, num_workers=settings.num_workers, shard=shard)
+    (features,) = run_forward(
+        network.features, loader, len(images), device_settings, settings.progress, f"{settings.label} {description}", shard
+    )
     return torch.from_numpy(features)
 
 
@@ -252,9 +312,12 @@ def _build_optimizer(module: nn.Module, training: TrainingConfig) -> torch.optim
 
 
 def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Re-seed every RNG for this epoch; returns the generator that shuffles its batches."""
+    """Re-seed every RNG for this epoch (and rank); returns the generator that shuffles its batches.
+
+    The shuffle generator is the same on every rank, so all ranks slice the same global batches.
+    """
     value = epoch_seed(seed, epoch)
-    seed_everything(value)
+    seed_everything(process_seed(value, distributed.rank()))
     return torch.Generator().manual_seed(value)
 
 
@@ -274,29 +337,43 @@ def _train_one_epoch(
     generator: torch.Generator,
     epoch: int,
 ) -> float:
-    """One pass over shuffled training batches; returns the sample-weighted mean loss."""
+    """One pass over shuffled training batches; returns the sample-weighted mean loss (over all ranks)."""
     train_mode_except_frozen(phase.module)
-    loader = batch_loader(phase.train_data, training.batch_size, shuffle=True, num_workers=phase.loader_workers, generator=generator)
+    shard = distributed.current_shard()
+    trained = distributed.wrap_for_training(phase.module, settings.device)  # after layerwise unfreezing
+    loader = batch_loader(
+        phase.train_data, training.batch_size, shuffle=True, num_workers=phase.loader_workers, generator=generator, shard=shard
+    )
+    global_sizes = training_batch_sizes(len(phase.train_data), training.batch_size, shard.world)
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"{settings.label} epoch {epoch + 1}/{training.epochs}", disable=not settings.progress, leave=False)
-    for inputs, targets, _ in bar:
+    for step, (inputs, targets, _) in enumerate(bar):
         inputs = device_settings.inputs(inputs)
         targets = targets.to(settings.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with device_settings.autocast():
-            logits = phase.forward(inputs)
+            logits = trained(inputs)
         loss = objective.loss(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{settings.label}: loss became {loss.item()} in epoch {epoch + 1}; lower training.learning_rate"
-            )
-        scaler.scale(loss).backward()
+        _check_finite(loss, settings, epoch, shard)
+        share = len(inputs) * shard.world / global_sizes[step]  # DDP averages ranks: weigh by slice size
+        scaler.scale(loss * share if shard.distributed else loss).backward()
         scaler.step(optimizer)
         scaler.update()
         total += float(loss.detach()) * len(inputs)
         count += len(inputs)
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    distributed.average_buffers(phase.module)
+    total, count = distributed.all_reduce_sum([total, float(count)])
     return total / max(count, 1)
+
+
+def _check_finite(loss: torch.Tensor, settings: RunSettings, epoch: int, shard: distributed.Shard) -> None:
+    """Stop on a non-finite loss, on every rank at once (a lone rank raising would leave the others hanging)."""
+    here = not bool(torch.isfinite(loss))
+    anywhere = distributed.any_rank(here) if shard.distributed else here  # every rank joins the collective
+    if anywhere:
+        value = loss.item() if here else "non-finite on another rank"
+        raise FloatingPointError(f"{settings.label}: loss became {value} in epoch {epoch + 1}; lower training.learning_rate")
 
 
 def _validate(
@@ -307,9 +384,10 @@ def _validate(
     device_settings: DeviceSettings,
     targets: Targets,
 ) -> np.ndarray:
-    """Probabilities of every validation image under the current weights."""
+    """Probabilities of every validation image under the current weights (all N rows on every rank)."""
     phase.module.eval()
-    loader = batch_loader(phase.valid_data, training.batch_size, shuffle=False, num_workers=phase.loader_workers)
+    shard = distributed.shard_for(len(phase.valid_data))
+    loader = batch_loader(phase.valid_data, training.batch_size, shuffle=False, num_workers=phase.loader_workers, shard=shard)
     (outputs,) = run_forward(
         lambda inputs: to_probabilities(phase.forward(inputs), objective.activation),
         loader,
@@ -317,6 +395,7 @@ def _validate(
         device_settings,
         settings.progress,
         f"{settings.label} validate",
+        shard,
     )
     return outputs
 
@@ -432,16 +511,20 @@ def _finish(
     """Load the best weights, summarise them on validation, mark the run finished, drop resume.pt."""
     if progress.best_epoch < 1:
         raise RuntimeError(f"{settings.label}: no epoch was trained (training.epochs = {training.epochs})")
+    distributed.barrier()  # rank 0's last epoch files are complete (already true after the epoch barrier)
     best = load_checkpoint(files.best)
     network.load_state_dict(best["model"])
     if best_outputs is None:  # the best epoch ran before a resume: recompute its validation outputs
         best_outputs = _validate(phase, objective, training, settings, device_settings, valid_targets)
     summary = summarize(best_outputs) if summarize is not None else {}
     stopped_early = len(progress.history) < training.epochs
-    # checkpoint.pt alone then describes the finished model (history and validation summary too).
-    save_checkpoint(files.best, {**best, "history": progress.history, "summary": summary})
-    files.write_state(_state(fingerprint, objective, progress, finished=True, stopped_early=stopped_early, summary=summary))
-    files.resume.unlink(missing_ok=True)
+    distributed.barrier()  # every rank has read checkpoint.pt before rank 0 replaces it
+    if distributed.is_main_process():
+        # checkpoint.pt alone then describes the finished model (history and validation summary too).
+        save_checkpoint(files.best, {**best, "history": progress.history, "summary": summary})
+        files.write_state(_state(fingerprint, objective, progress, finished=True, stopped_early=stopped_early, summary=summary))
+        files.resume.unlink(missing_ok=True)
+    distributed.barrier()  # no rank returns before the finished run is on disk
     network.eval()
     return FitResult(
         history=progress.history,

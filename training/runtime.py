@@ -4,6 +4,11 @@ Every epoch re-seeds all generators from (seed, epoch). That is what makes an in
 that resumes at epoch k finish with exactly the weights of an uninterrupted run: epoch k draws
 the same shuffles, augmentations and dropout masks whichever process runs it. The full RNG state
 is still saved in checkpoints so anything drawn between epochs is restored too.
+
+Distributed, the batch shuffle is drawn from (seed, epoch) alone, identically on every rank
+(DistributedSampler's set_epoch semantics), while augmentation and dropout draw from
+(seed, epoch, rank): ranks must not apply the same random transforms to their slices. Rank 0
+draws exactly what a single process draws.
 """
 
 from __future__ import annotations
@@ -15,17 +20,22 @@ import sys
 import numpy as np
 import torch
 
+from training.distributed import device_for_process, is_main_process
+
 PROGRESS_ENV = "CONCEPTCLEF_PROGRESS"  # "0" hides progress bars even on a terminal
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> the first CUDA device when one exists, else the CPU; anything else as given."""
+    """"auto" -> a CUDA device when one exists, else the CPU; anything else as given.
+
+    Under torchrun the CUDA device is always cuda:LOCAL_RANK (one GPU per process).
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return device_for_process(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return resolved
+    return device_for_process(resolved)
 
 
 def seed_everything(seed: int) -> None:
@@ -39,6 +49,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**63
 
 
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of rank's own random draws (augmentation, dropout); rank 0 keeps `seed`."""
+    return (seed + rank * 1_000_033) % 2**63
+
+
 def make_repeatable(device: torch.device) -> None:
     """Cheap determinism: cuDNN picks fixed algorithms (CPU kernels are deterministic already)."""
     if device.type == "cuda":
@@ -47,7 +62,9 @@ def make_repeatable(device: torch.device) -> None:
 
 
 def progress_enabled() -> bool:
-    """Progress bars on a terminal only, unless CONCEPTCLEF_PROGRESS=0."""
+    """Progress bars on a terminal and on rank 0 only, unless CONCEPTCLEF_PROGRESS=0."""
+    if not is_main_process():
+        return False
     if os.environ.get(PROGRESS_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
     return sys.stderr.isatty()

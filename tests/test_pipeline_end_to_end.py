@@ -1,0 +1,212 @@
+"""The whole chain through the CLI on a small demo dataset: train-all, predict, validate,
+evaluate, ablation; resuming, re-fitting the ensemble alone, and refusing foreign run files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from data.demo import make_demo_dataset
+from router import ModalityRouter
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CONFIG = REPO / "configs" / "test.toml"
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def train(data: Path, run: Path, *extra: str) -> None:
+    invoke("train-all", "--data", data, "--out", run, "--config", TEST_CONFIG, *extra)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e-data")
+    make_demo_dataset(root / "data", n_train=210, n_valid=140, n_test=60, seed=0, image_size=64)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def run(demo, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("e2e-run") / "run"
+    train(demo, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def submission(run, demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("e2e-sub") / "submission.tsv"
+    invoke("predict", "--run", run, "--images", demo / "test", "--out", out)
+    return out
+
+
+def test_train_all_leaves_every_stage_on_disk(run):
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "ensemble" in manifest["finished_stages"]
+    assert manifest["categories"] == ["DRAN", "DRCO", "DRCT", "DRMR", "DRPE", "DRUS", "DRXR"]
+    assert (run / "config.toml").is_file()
+    trained = [run / "router", run / "global"] + [
+        run / f"category-{c}" for c in manifest["categories"] if c not in manifest["fallback_categories"]
+    ]
+    assert len(trained) >= 5
+    for work_dir in trained:
+        payload = torch.load(work_dir / "checkpoint.pt", weights_only=True)
+        assert isinstance(payload, dict)
+        assert (work_dir / "metrics.csv").read_text().count("\n") >= 2
+        assert (work_dir / "valid_predictions.npz").is_file()
+    for category in manifest["fallback_categories"]:
+        assert "min_category_images" in (run / f"category-{category}" / "fallback.json").read_text()
+    for name in ("stacker.txt", "decision.json", "ensemble.json", "oof_predictions.npz", "knn_index.npz"):
+        assert (run / "ensemble" / name).is_file(), name
+
+
+def test_predict_writes_a_valid_submission_that_scores(run, demo, submission):
+    invoke("validate", submission, "--images", demo / "test")
+    lines = submission.read_text().splitlines()
+    assert len(lines) == 60
+    assert all(len(line.split("\t")[1].split(";")) >= 1 for line in lines)
+    assert Path(str(submission) + ".probabilities.npz").is_file()
+    report = json.loads(invoke("evaluate", submission, demo / "test_concepts.csv", "--json", "--categories", demo / "test_categories.csv"))
+    assert report["n_images"] == 60
+    assert 0.2 < report["score"] <= 1.0
+    assert set(report["per_category"]) <= {"DRAN", "DRCO", "DRCT", "DRMR", "DRPE", "DRUS", "DRXR"}
+
+
+def test_predict_2025_format(run, demo, tmp_path):
+    out = tmp_path / "submission.csv"
+    invoke("predict", "--run", run, "--images", demo / "test", "--out", out, "--format", "2025")
+    assert out.read_text().splitlines()[0] == "ID,CUIs"
+    invoke("validate", out, "--images", demo / "test", "--format", "2025")
+
+
+def test_ablation_on_test_images_writes_tables_and_plots(run, demo, tmp_path):
+    output = invoke(
+        "ablation", "--run", run, "--images", demo / "test", "--gt", demo / "test_concepts.csv",
+        "--categories", demo / "test_categories.csv", "--out", tmp_path,
+    )
+    table = pd.read_csv(tmp_path / "ablation.csv")
+    systems = list(table["system"])
+    assert systems[0] == "global @ 0.5 (published baseline)"
+    assert any(name.startswith("stacked ensemble") for name in systems)
+    assert "per-category, oracle routing + tuned thresholds" in systems
+    assert table["overall"].between(0, 1).all()
+    assert (table["n_images"] == 60).all()
+    assert "| system | overall |" in output
+    for plot in ("per_category_f1.png", "router_confusion.png", "threshold_vs_f1.png"):
+        with Image.open(tmp_path / plot) as image:
+            assert image.size[0] > 200
+
+
+def test_ablation_without_images_reports_out_of_fold_validation(run, tmp_path):
+    output = invoke("ablation", "--run", run, "--out", tmp_path)
+    assert "validation (out-of-fold)" in output
+    table = pd.read_csv(tmp_path / "ablation.csv")
+    assert (table["n_images"] == 140).all()
+
+
+def test_rerun_resumes_and_skips_finished_models(run, demo):
+    watched = sorted(run.glob("*/checkpoint.pt")) + [run / "ensemble" / "stacker.txt"]
+    before = {path: path.stat().st_mtime_ns for path in watched}
+    train(demo, run)
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
+
+
+def test_ensemble_refits_alone_from_saved_predictions(run, demo, submission, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    checkpoints = {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")}
+    stacker_before = (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns
+    train(demo, copy, "--only", "ensemble")
+    assert {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")} == checkpoints
+    assert (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns != stacker_before
+    again = tmp_path / "again.tsv"
+    invoke("predict", "--run", copy, "--images", demo / "test", "--out", again)
+    assert again.read_text() == submission.read_text()
+
+
+def test_run_directory_from_other_vocabulary_is_refused(run, demo, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    vocabulary = json.loads((copy / "global" / "vocabulary.json").read_text())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["global_vocabulary"] = "0" * len(manifest["global_vocabulary"])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["predict", "--run", str(copy), "--images", str(demo / "test"), "--out", str(tmp_path / "s.tsv")])
+    assert result.exit_code == 2
+    assert "vocabulary" in result.output
+    assert not (tmp_path / "s.tsv").exists()
+    assert vocabulary  # the files themselves were left as they were
+
+
+def test_run_directory_for_other_categories_is_refused(run, demo, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(demo, other, ignore=shutil.ignore_patterns(".cache"))
+    shutil.rmtree(other / "train" / "DRUS")
+    kept = {path.stem for path in (other / "train").rglob("*.jpg")}
+    lines = (other / "train_concepts.csv").read_text().splitlines()
+    (other / "train_concepts.csv").write_text("\n".join(line for line in lines if line.split("\t")[0] in kept) + "\n")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    result = runner.invoke(app, ["train-all", "--data", str(other), "--out", str(copy)])
+    assert result.exit_code == 2
+    assert "categories" in result.output
+
+
+def test_same_seed_gives_identical_submission(run, demo, submission, tmp_path):
+    second = tmp_path / "run"
+    train(demo, second)
+    out = tmp_path / "submission.tsv"
+    invoke("predict", "--run", second, "--images", demo / "test", "--out", out)
+    assert out.read_bytes() == submission.read_bytes()
+
+
+def test_truncated_checkpoint_is_retrained_not_loaded(run, demo, submission, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    checkpoint = copy / "global" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 3])
+    train(demo, copy)
+    assert isinstance(torch.load(checkpoint, weights_only=True), dict)
+    out = tmp_path / "submission.tsv"
+    invoke("predict", "--run", copy, "--images", demo / "test", "--out", out)
+    assert out.read_text() == submission.read_text()
+
+
+def test_killed_run_resumes_to_the_same_result(run, demo, submission, tmp_path):
+    """SIGKILL in the middle of the router's training, then the same command again."""
+    killed = tmp_path / "run"
+    command = [sys.executable, str(REPO / "cli.py"), "train-all", "--data", str(demo), "--out", str(killed), "--config", str(TEST_CONFIG)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_file = killed / "router" / "resume.pt"
+    try:
+        import time
+
+        deadline = time.monotonic() + 300
+        while not resume_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert resume_file.exists(), "the router never saved a mid-training checkpoint"
+    finally:
+        process.kill()
+        process.wait()
+    assert not ModalityRouter.is_trained(killed / "router")
+    train(demo, killed)
+    out = tmp_path / "submission.tsv"
+    invoke("predict", "--run", killed, "--images", demo / "test", "--out", out)
+    assert out.read_text() == submission.read_text()
