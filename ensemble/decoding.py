@@ -1,0 +1,203 @@
+"""Turning stacked probabilities into label sets: expected-F1 decoding, and choosing the rule.
+
+Per-concept thresholds need many positives per concept to be reliable; expected-F1 decoding
+needs only calibrated probabilities and picks, per image, how many of its top concepts to keep.
+Which works better depends on the data, so `choose_decision_rule` compares them by
+cross-validation over images and the run records the choice in decision.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from core.config import EnsembleConfig
+from core.runfiles import atomic_write_json, read_json
+from ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
+from ensemble.stacker import image_folds
+from ensemble.thresholds import ConceptThresholdTuner
+from scoring.f1 import mean_sample_f1_sparse
+
+EXPECTED_F1_FILE = "expected_f1.json"
+DECISION_FILE = "decision.json"
+
+
+class Decider(Protocol):
+    """What both decision rules offer, so the pipeline can hold either."""
+
+    def fit(self, probs: Any, truth: Any, truth_outside: np.ndarray | None = None) -> "Decider": ...
+
+    def predict(self, probs: Any) -> sp.csr_matrix: ...
+
+    def save(self, path: str | Path) -> Path: ...
+
+
+class ExpectedF1Decoder:
+    """Per image, keep the top-k concepts maximising E[F1(k)] ≈ 2 Σ_{i≤k} p_i / (k + Σ_i p_i + m).
+
+    `m` (`expected_missing_`) is the mean number of true concepts per image that the probabilities
+    do not account for (out of vocabulary, or not among the candidates), learned in `fit`; it is 0
+    when the decoder is used unfitted.
+    """
+
+    def __init__(self, min_labels: int = 1, max_labels: int = 100) -> None:
+        self.min_labels = min_labels
+        self.max_labels = max_labels
+
+    @classmethod
+    def from_config(cls, config: EnsembleConfig) -> "ExpectedF1Decoder":
+        return cls(config.min_labels, config.max_labels)
+
+    def fit(
+        self,
+        probs: sp.spmatrix | np.ndarray,
+        truth: sp.spmatrix | np.ndarray,
+        truth_outside: np.ndarray | None = None,
+    ) -> "ExpectedF1Decoder":
+        scores = as_score_csr(probs)
+        sizes = np.diff(as_bool_csr(truth).indptr).astype(np.float64)
+        if truth_outside is not None:
+            sizes = sizes + np.asarray(truth_outside, dtype=np.float64)
+        mass = np.asarray(scores.sum(axis=1)).ravel()
+        scored = sizes > 0
+        missing = float(np.mean(sizes[scored] - mass[scored])) if scored.any() else 0.0
+        self.expected_missing_ = max(missing, 0.0)
+        return self
+
+    def expected_f1(self, probs: sp.spmatrix | np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """(scores, k per entry, E[F1] of cutting after that entry), entries sorted per row descending."""
+        scores = as_score_csr(probs)
+        rows = row_of_entries(scores)
+        order = np.lexsort((-scores.data.astype(np.float64), rows))
+        sorted_rows = rows[order]
+        p = scores.data[order].astype(np.float64)
+        starts = scores.indptr[:-1]
+        k = np.arange(p.size) - starts[sorted_rows] + 1
+        running = np.cumsum(p)
+        before_row = np.concatenate(([0.0], running))[starts][sorted_rows]
+        top_mass = running - before_row
+        total = np.asarray(scores.sum(axis=1), dtype=np.float64).ravel()[sorted_rows]
+        missing = getattr(self, "expected_missing_", 0.0)
+        gain = 2.0 * top_mass / (k + total + missing)
+        ordered = sp.csr_matrix((p, scores.indices[order], scores.indptr), shape=scores.shape)
+        return ordered, k, gain
+
+    def predict(self, probs: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+        ordered, k, gain = self.expected_f1(probs)
+        rows = row_of_entries(ordered)
+        allowed = (k >= self.min_labels) & (k <= self.max_labels)
+        gain = np.where(allowed, gain, -np.inf)
+        # First entry per row after sorting by (row, -gain, k) is the best cut, smallest k on ties.
+        best = np.lexsort((k, -gain, rows))
+        first = best[np.r_[True, rows[best][1:] != rows[best][:-1]]] if best.size else best
+        best_k = np.zeros(ordered.shape[0], dtype=np.int64)
+        best_k[rows[first]] = k[first]
+        # Rows with fewer entries than min_labels keep everything they have.
+        n_entries = np.diff(ordered.indptr)
+        best_k = np.where(n_entries < self.min_labels, n_entries, best_k)
+        chosen = k <= best_k[rows]
+        result = sp.csr_matrix((chosen, ordered.indices, ordered.indptr), shape=ordered.shape, dtype=bool)
+        result.eliminate_zeros()
+        result.sort_indices()
+        return result
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path = path if path.suffix == ".json" else path / EXPECTED_F1_FILE
+        atomic_write_json(
+            path,
+            {
+                "kind": "expected_f1",
+                "params": {"min_labels": self.min_labels, "max_labels": self.max_labels},
+                "expected_missing": getattr(self, "expected_missing_", 0.0),
+            },
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExpectedF1Decoder":
+        path = Path(path)
+        path = path if path.suffix == ".json" else path / EXPECTED_F1_FILE
+        payload = read_json(path)
+        decoder = cls(**payload["params"])
+        decoder.expected_missing_ = float(payload["expected_missing"])
+        return decoder
+
+
+DECISION_RULES: dict[str, type] = {"thresholds": ConceptThresholdTuner, "expected_f1": ExpectedF1Decoder}
+_RULE_FILES = {"thresholds": "thresholds.json", "expected_f1": EXPECTED_F1_FILE}
+
+
+def make_decider(name: str, config: EnsembleConfig) -> Decider:
+    """A fresh decision rule by name, with its settings from the config."""
+    if name not in DECISION_RULES:
+        raise ValueError(f"unknown decision rule {name!r}; known: {', '.join(DECISION_RULES)}")
+    return DECISION_RULES[name].from_config(config)
+
+
+def cross_validated_score(
+    name: str,
+    probs: sp.csr_matrix,
+    truth: sp.csr_matrix,
+    truth_outside: np.ndarray | None,
+    config: EnsembleConfig,
+    folds: np.ndarray,
+) -> float:
+    """Mean over folds of the official F1 on the held-out images of a rule fitted on the others."""
+    scores = []
+    for fold in np.unique(folds):
+        train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        outside_train = None if truth_outside is None else np.asarray(truth_outside)[train]
+        outside_held = None if truth_outside is None else np.asarray(truth_outside)[held]
+        decider = make_decider(name, config).fit(probs[train], truth[train], outside_train)
+        scores.append(mean_sample_f1_sparse(decider.predict(probs[held]), truth[held], outside_held))
+    return float(np.mean(scores))
+
+
+def choose_decision_rule(
+    probs: sp.spmatrix | np.ndarray,
+    truth: sp.spmatrix | np.ndarray,
+    truth_outside: np.ndarray | None,
+    config: EnsembleConfig,
+    seed: int = 0,
+) -> tuple[str, Decider, dict[str, float]]:
+    """(rule name, rule fitted on all images, cross-validated score per rule compared).
+
+    With `config.decision_rule` set to a rule, that rule is fitted without comparison and the
+    scores dict is empty.
+    """
+    scores_csr = as_score_csr(probs)
+    truth_csr = as_bool_csr(truth)
+    if config.decision_rule != "auto":
+        name = config.decision_rule
+        return name, make_decider(name, config).fit(scores_csr, truth_csr, truth_outside), {}
+    folds = image_folds(scores_csr.shape[0], config.folds, seed)
+    scores = {
+        name: cross_validated_score(name, scores_csr, truth_csr, truth_outside, config, folds)
+        for name in DECISION_RULES
+    }
+    name = max(scores, key=lambda rule: (scores[rule], rule == "thresholds"))
+    return name, make_decider(name, config).fit(scores_csr, truth_csr, truth_outside), scores
+
+
+def save_decision(directory: str | Path, name: str, decider: Decider, scores: dict[str, float]) -> Path:
+    """Write the fitted rule's own file and decision.json naming it, so `load_decision` needs only the folder."""
+    directory = Path(directory)
+    rule_path = decider.save(directory / _RULE_FILES[name])
+    atomic_write_json(
+        directory / DECISION_FILE, {"rule": name, "file": rule_path.name, "cross_validated_scores": scores}
+    )
+    return directory / DECISION_FILE
+
+
+def load_decision(directory: str | Path) -> tuple[str, Decider]:
+    """The rule recorded in DIR/decision.json, loaded from its file."""
+    directory = Path(directory)
+    record = read_json(directory / DECISION_FILE)
+    name = record["rule"]
+    if name not in DECISION_RULES:
+        raise ValueError(f"{directory / DECISION_FILE}: unknown decision rule {name!r}")
+    return name, DECISION_RULES[name].load(directory / record["file"])

@@ -1,0 +1,105 @@
+"""One feature row per candidate (image, concept) pair, built with array gathers only.
+
+The stacker is one LightGBM model for all concepts, so features must be comparable across
+concepts: probabilities, ranks within the image, how sure the router is, how common the concept
+is (overall and in the routed category), and how many sources agree. Every category model is
+also its own column (NaN where it does not know the concept) so trees can learn which model to
+trust for which modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ensemble.candidates import SOURCES, CandidateSet, build_candidates
+from ensemble.inputs import StackingInputs
+from ensemble.mixing import mixture_at, routed_at, routed_index
+from ensemble.sparse_ops import DENSE_CHUNK_ROWS, gather
+
+
+@dataclass(frozen=True)
+class PairTable:
+    """Candidate pairs with their feature matrix (float32, NaN = missing) and column names."""
+
+    candidates: CandidateSet
+    features: np.ndarray  # (P, F)
+    feature_names: list[str]
+
+    def take(self, mask: np.ndarray) -> "PairTable":
+        return PairTable(self.candidates.take(mask), self.features[mask], self.feature_names)
+
+
+def feature_names_for(categories: list[str]) -> list[str]:
+    """Column names, fixed by the router's categories so a saved stacker can check its inputs."""
+    names = [
+        "global_prob",
+        "global_prob_image_sum",
+        "routed_prob",
+        "mixture_prob",
+        "mixture_coverage",
+    ]
+    names += [f"category_prob:{name}" for name in categories]
+    names += [f"router_prob:{name}" for name in categories]
+    names += ["router_max", "router_entropy", "knn_score"]
+    names += [f"rank:{source}" for source in SOURCES]
+    names += ["n_sources", "concept_frequency", "routed_concept_frequency"]
+    return names
+
+
+def _row_sums(matrix: np.ndarray) -> np.ndarray:
+    """Per-image sum of probabilities (the expected label count), NaN-safe and in blocks."""
+    sums = np.empty(matrix.shape[0], dtype=np.float32)
+    for start in range(0, matrix.shape[0], DENSE_CHUNK_ROWS):
+        block = np.asarray(matrix[start : start + DENSE_CHUNK_ROWS], dtype=np.float32)
+        sums[start : start + block.shape[0]] = np.nansum(block, axis=1)
+    return sums
+
+
+def router_summary(router_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max prob, entropy in nats) per image: how much the routed model's view should count."""
+    probs = np.asarray(router_probs, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(probs > 0, probs * np.log(probs), 0.0).sum(axis=1)
+    return probs.max(axis=1).astype(np.float32), entropy.astype(np.float32)
+
+
+def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTable:
+    """The feature matrix of `candidates` (which must come from these inputs)."""
+    rows, cols = candidates.rows, candidates.cols
+    names = feature_names_for(inputs.categories)
+    features = np.empty((rows.size, len(names)), dtype=np.float32)
+    column = iter(range(len(names)))
+
+    def put(values: np.ndarray) -> None:
+        features[:, next(column)] = values
+
+    put(gather(inputs.global_probs, rows, cols))
+    put(_row_sums(inputs.global_probs)[rows])
+    put(routed_at(inputs, rows, cols))
+    mixture, coverage = mixture_at(inputs, rows, cols)
+    put(mixture)
+    put(coverage)
+    for name in inputs.categories:
+        put(gather(inputs.category_probs.get(name), rows, cols))
+    for c in range(len(inputs.categories)):
+        put(np.asarray(inputs.router_probs[rows, c], dtype=np.float32))
+    router_max, router_entropy = router_summary(inputs.router_probs)
+    put(router_max[rows])
+    put(router_entropy[rows])
+    put(gather(inputs.knn_scores, rows, cols))
+    for source in SOURCES:
+        put(candidates.ranks[source])
+    put(candidates.n_sources)
+    put(np.asarray(inputs.concept_frequency, dtype=np.float32)[cols])
+    category_frequency = np.asarray(inputs.category_concept_frequency, dtype=np.float32)
+    put(category_frequency[routed_index(inputs.router_probs)[rows], cols])
+    if next(column, None) is not None:
+        raise RuntimeError("feature_names_for and build_features disagree on the columns")
+    return PairTable(candidates, features, names)
+
+
+def build_pair_table(inputs: StackingInputs, candidates_per_model: int) -> PairTable:
+    """Candidates and their features in one call: what both fitting and prediction need."""
+    return build_features(inputs, build_candidates(inputs, candidates_per_model))

@@ -1,0 +1,113 @@
+"""What the stacker sees for one image set, all over the global vocabulary's columns.
+
+Per-category models know only the concepts of their category, so their probabilities are
+projected onto the global columns with NaN for "this model cannot say": LightGBM treats NaN as
+missing, which is different from a confident 0. Arrays may be float16 to keep eight full-size
+(80,000 x 3,000) probability matrices within memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class StackingInputs:
+    """Every signal the stacker combines, for `n` images over `V` global concepts and `C` categories.
+
+    `category_probs[name]` holds that category model's probabilities on ALL images of the set
+    (NaN outside its vocabulary); a category that fell back to the global model is absent and
+    the global probabilities stand in for it.
+    """
+
+    image_ids: list[str]
+    global_probs: np.ndarray  # (n, V)
+    category_probs: dict[str, np.ndarray]  # name -> (n, V), NaN where the concept is unknown to it
+    router_probs: np.ndarray  # (n, C), columns in `categories` order
+    categories: list[str]
+    concept_frequency: np.ndarray  # (V,) training frequency overall
+    category_concept_frequency: np.ndarray  # (C, V) training frequency within each category
+    knn_scores: np.ndarray | sp.spmatrix | None = None  # (n, V)
+
+    def __post_init__(self) -> None:
+        self.image_ids = list(self.image_ids)
+        self.categories = list(self.categories)
+        self.validate()
+
+    @property
+    def n_images(self) -> int:
+        return int(self.global_probs.shape[0])
+
+    @property
+    def n_concepts(self) -> int:
+        return int(self.global_probs.shape[1])
+
+    def validate(self) -> None:
+        """Refuse misaligned arrays now rather than as a wrong feature column later."""
+        n, v = self.global_probs.shape
+        c = len(self.categories)
+        if len(self.image_ids) != n:
+            raise ValueError(f"{len(self.image_ids)} image ids for {n} rows of global_probs")
+        for name, probs in self.category_probs.items():
+            if name not in self.categories:
+                raise ValueError(f"category model {name!r} is not one of the router's categories {self.categories}")
+            if probs.shape != (n, v):
+                raise ValueError(f"category_probs[{name!r}] has shape {probs.shape}, expected {(n, v)}")
+        if self.router_probs.shape != (n, c):
+            raise ValueError(f"router_probs has shape {self.router_probs.shape}, expected {(n, c)}")
+        if np.shape(self.concept_frequency) != (v,):
+            raise ValueError(f"concept_frequency has shape {np.shape(self.concept_frequency)}, expected {(v,)}")
+        if np.shape(self.category_concept_frequency) != (c, v):
+            raise ValueError(
+                f"category_concept_frequency has shape {np.shape(self.category_concept_frequency)}, expected {(c, v)}"
+            )
+        if self.knn_scores is not None and self.knn_scores.shape != (n, v):
+            raise ValueError(f"knn_scores has shape {self.knn_scores.shape}, expected {(n, v)}")
+
+    def subset(self, rows: Sequence[int] | np.ndarray | slice) -> "StackingInputs":
+        """The same inputs for a subset of images (folds); concept-level arrays are shared."""
+        if isinstance(rows, slice):
+            index: np.ndarray | slice = rows
+            ids = self.image_ids[rows]
+        else:
+            index = np.asarray(rows, dtype=np.int64)
+            ids = [self.image_ids[i] for i in index]
+        knn = None
+        if self.knn_scores is not None:
+            knn = sp.csr_matrix(self.knn_scores)[index] if sp.issparse(self.knn_scores) else self.knn_scores[index]
+        return StackingInputs(
+            image_ids=ids,
+            global_probs=self.global_probs[index],
+            category_probs={name: probs[index] for name, probs in self.category_probs.items()},
+            router_probs=self.router_probs[index],
+            categories=self.categories,
+            concept_frequency=self.concept_frequency,
+            category_concept_frequency=self.category_concept_frequency,
+            knn_scores=knn,
+        )
+
+
+def project_to_columns(
+    probs: np.ndarray, model_cuis: Sequence[str], global_cuis: Sequence[str], dtype: np.dtype | type = np.float32
+) -> np.ndarray:
+    """Place a model's (n, V_model) probabilities on the global columns, NaN where it has no output.
+
+    Concepts the model knows but the global vocabulary lacks are dropped: nothing downstream can
+    predict them.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[1] != len(model_cuis):
+        raise ValueError(f"probs has shape {probs.shape} but the model has {len(model_cuis)} concepts")
+    global_index = {cui: column for column, cui in enumerate(global_cuis)}
+    source, target = [], []
+    for column, cui in enumerate(model_cuis):
+        if cui in global_index:
+            source.append(column)
+            target.append(global_index[cui])
+    projected = np.full((probs.shape[0], len(global_cuis)), np.nan, dtype=dtype)
+    projected[:, target] = probs[:, source]
+    return projected

@@ -1,0 +1,77 @@
+"""Combine the per-category models through the router: the routed model and the router-weighted mixture.
+
+A category with no model of its own (it fell back to the global model) contributes the global
+probabilities, which is what the pipeline would predict for its images. The mixture is
+NaN-aware: categories whose model does not know a concept are left out and the router weights
+of the rest renormalised; `coverage` (router mass that could vote) tells the stacker how much
+to trust it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ensemble.inputs import StackingInputs
+
+
+def routed_index(router_probs: np.ndarray) -> np.ndarray:
+    """Index of the router's most probable category per image."""
+    return np.argmax(np.asarray(router_probs, dtype=np.float32), axis=1).astype(np.int64)
+
+
+def category_source(inputs: StackingInputs, category: str) -> np.ndarray:
+    """The (n, V) matrix that stands for a category: its own model or, after fallback, the global one."""
+    return inputs.category_probs.get(category, inputs.global_probs)
+
+
+def routed_block(inputs: StackingInputs, rows: slice) -> np.ndarray:
+    """The routed category model's probabilities for a block of consecutive images, float32."""
+    routed = routed_index(inputs.router_probs[rows])
+    block = np.empty((routed.size, inputs.n_concepts), dtype=np.float32)
+    for c, name in enumerate(inputs.categories):
+        mask = routed == c
+        if mask.any():
+            block[mask] = category_source(inputs, name)[rows][mask]
+    return block
+
+
+def mixture_block(inputs: StackingInputs, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    """(mixture, coverage) for a block of consecutive images: sum_c p(c|x) p_c(y|x) over known c."""
+    weights = np.asarray(inputs.router_probs[rows], dtype=np.float32)
+    total = np.zeros((weights.shape[0], inputs.n_concepts), dtype=np.float32)
+    coverage = np.zeros_like(total)
+    for c, name in enumerate(inputs.categories):
+        probs = np.asarray(category_source(inputs, name)[rows], dtype=np.float32)
+        known = ~np.isnan(probs)
+        w = weights[:, c : c + 1]
+        total += np.where(known, probs, 0.0) * w
+        coverage += known * w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mixture = np.where(coverage > 0, total / coverage, np.nan).astype(np.float32)
+    return mixture, coverage
+
+
+def routed_at(inputs: StackingInputs, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The routed category model's probability at each (image, concept) pair."""
+    routed = routed_index(inputs.router_probs)[rows]
+    values = np.empty(rows.shape, dtype=np.float32)
+    for c, name in enumerate(inputs.categories):
+        mask = routed == c
+        if mask.any():
+            values[mask] = category_source(inputs, name)[rows[mask], cols[mask]]
+    return values
+
+
+def mixture_at(inputs: StackingInputs, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mixture, coverage) at each (image, concept) pair; same rule as `mixture_block`."""
+    total = np.zeros(rows.shape, dtype=np.float32)
+    coverage = np.zeros(rows.shape, dtype=np.float32)
+    for c, name in enumerate(inputs.categories):
+        probs = np.asarray(category_source(inputs, name)[rows, cols], dtype=np.float32)
+        known = ~np.isnan(probs)
+        w = np.asarray(inputs.router_probs[rows, c], dtype=np.float32)
+        total += np.where(known, probs, 0.0) * w
+        coverage += known * w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mixture = np.where(coverage > 0, total / coverage, np.nan).astype(np.float32)
+    return mixture, coverage

@@ -1,0 +1,233 @@
+"""Per-concept thresholds tuned directly on the official sample-averaged F1.
+
+The metric averages F1 over images, so a concept's best threshold depends on what the other
+concepts already predict for the same images: coordinate ascent over concepts keeps every
+image's hit and prediction counts and, for one concept at a time, scores every cut of that
+concept's probabilities (sorted once) with a cumulative sum of exact per-image F1 changes.
+Concepts with few positives would overfit such a search, so their thresholds are shrunk toward
+one tuned global threshold with `prior_strength` pseudo-positives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from core.config import EnsembleConfig
+from core.runfiles import atomic_write_json, read_json
+from ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def _truth_sizes(truth: sp.csr_matrix, truth_outside: np.ndarray | None) -> np.ndarray:
+    """|G| per image, counting out-of-vocabulary true concepts (they can only be missed)."""
+    sizes = np.diff(truth.indptr).astype(np.float64)
+    if truth_outside is not None:
+        sizes = sizes + np.asarray(truth_outside, dtype=np.float64)
+    return sizes
+
+
+def _entry_labels(scores: sp.csr_matrix, truth: sp.csr_matrix) -> np.ndarray:
+    return gather(truth, row_of_entries(scores), scores.indices) > 0
+
+
+def _between(upper: float, lower: float) -> float:
+    """A threshold between two sorted probabilities: robust to small shifts on unseen images."""
+    return (float(upper) + float(lower)) / 2.0
+
+
+def tune_global_threshold(
+    probs: sp.spmatrix | np.ndarray,
+    truth: sp.spmatrix | np.ndarray,
+    truth_outside: np.ndarray | None = None,
+    n_grid: int = 256,
+) -> tuple[float, float]:
+    """(threshold, score): the single threshold for all concepts that maximises the official F1.
+
+    Candidate thresholds are quantiles of the stored probabilities; each image's predicted and hit
+    counts at every candidate come from one bincount and a reversed cumulative sum.
+    """
+    scores = as_score_csr(probs)
+    truth_csr = as_bool_csr(truth)
+    sizes = _truth_sizes(truth_csr, truth_outside)
+    scored = sizes > 0
+    if scores.nnz == 0 or not scored.any():
+        return 0.5, 0.0
+    grid = np.unique(np.quantile(scores.data.astype(np.float64), np.linspace(0.0, 1.0, n_grid)))
+    rows = row_of_entries(scores)
+    labels = _entry_labels(scores, truth_csr)
+    # An entry is predicted at grid[t] iff grid[t] <= p, i.e. t < bin.
+    bins = np.searchsorted(grid, scores.data.astype(np.float64), side="right")
+    width = grid.size + 1
+    n = scores.shape[0]
+    predicted = np.bincount(rows * width + bins, minlength=n * width).reshape(n, width)
+    hits = np.bincount(rows * width + bins, weights=labels, minlength=n * width).reshape(n, width)
+    predicted = np.cumsum(predicted[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    hits = np.cumsum(hits[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    f1 = 2.0 * hits[scored] / (predicted[scored] + sizes[scored, None])
+    mean = f1.mean(axis=0)
+    best = int(np.argmax(mean))
+    return float(grid[best]), float(mean[best])
+
+
+def concept_gain_curve(
+    base_hits: np.ndarray, base_predicted: np.ndarray, truth_sizes: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Change in the SUM of per-image F1 when a concept is predicted for the first m of its images.
+
+    Inputs are aligned with the concept's entries sorted by descending probability; base_* are
+    each image's counts without this concept. Images with empty truth are not scored and add 0.
+    """
+    hit = labels.astype(np.float64)
+    scored = truth_sizes > 0
+    denominator = np.where(scored, base_predicted + truth_sizes, 1.0)
+    delta = 2.0 * (base_hits + hit) / (denominator + 1.0) - 2.0 * base_hits / denominator
+    return np.cumsum(np.where(scored, delta, 0.0))
+
+
+class ConceptThresholdTuner:
+    """Per-concept thresholds maximising the mean per-image F1, then a per-image label-count rule."""
+
+    def __init__(
+        self,
+        prior_strength: float = 10.0,
+        min_labels: int = 1,
+        max_labels: int = 100,
+        sweeps: int = 3,
+        tolerance: float = 1e-6,
+    ) -> None:
+        self.prior_strength = prior_strength
+        self.min_labels = min_labels
+        self.max_labels = max_labels
+        self.sweeps = sweeps
+        self.tolerance = tolerance
+
+    @classmethod
+    def from_config(cls, config: EnsembleConfig) -> "ConceptThresholdTuner":
+        return cls(config.threshold_prior_strength, config.min_labels, config.max_labels)
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "prior_strength": self.prior_strength,
+            "min_labels": self.min_labels,
+            "max_labels": self.max_labels,
+            "sweeps": self.sweeps,
+            "tolerance": self.tolerance,
+        }
+
+    def fit(
+        self,
+        probs: sp.spmatrix | np.ndarray,
+        truth: sp.spmatrix | np.ndarray,
+        truth_outside: np.ndarray | None = None,
+    ) -> "ConceptThresholdTuner":
+        scores = as_score_csr(probs)
+        truth_csr = as_bool_csr(truth)
+        if scores.shape != truth_csr.shape:
+            raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
+        n, v = scores.shape
+        sizes = _truth_sizes(truth_csr, truth_outside)
+        n_scored = max(int((sizes > 0).sum()), 1)
+        self.global_threshold_, _ = tune_global_threshold(scores, truth_csr, truth_outside)
+        self.n_positives_ = np.bincount(truth_csr.indices, minlength=v).astype(np.int64)
+        thresholds = np.full(v, self.global_threshold_, dtype=np.float64)
+
+        # Entries sorted by concept, then by descending probability: one slice per concept.
+        entry_rows = row_of_entries(scores)
+        entry_labels = _entry_labels(scores, truth_csr)
+        order = np.lexsort((-scores.data.astype(np.float64), scores.indices))
+        rows = entry_rows[order]
+        p = scores.data[order].astype(np.float64)
+        labels = entry_labels[order]
+        starts = np.searchsorted(scores.indices[order], np.arange(v + 1))
+        # Last position of each run of equal probabilities: cuts can only fall there.
+        cut_allowed = np.ones(p.size, dtype=bool)
+        cut_allowed[:-1] = p[:-1] != p[1:]
+
+        decided = p >= thresholds[scores.indices[order]]
+        hits = np.bincount(rows, weights=decided & labels, minlength=n)
+        predicted = np.bincount(rows, weights=decided, minlength=n).astype(np.float64)
+        weight = self.n_positives_ / (self.n_positives_ + self.prior_strength) if self.prior_strength > 0 else None
+        objective = [self._objective(hits, predicted, sizes, n_scored)]
+        concepts = np.flatnonzero(np.diff(starts) > 0)
+        for _ in range(self.sweeps):
+            for j in concepts:
+                s, e = starts[j], starts[j + 1]
+                ids, pj, yj, dj = rows[s:e], p[s:e], labels[s:e], decided[s:e]
+                base_hits = hits[ids] - (dj & yj)
+                base_predicted = predicted[ids] - dj
+                gains = concept_gain_curve(base_hits, base_predicted, sizes[ids], yj)
+                allowed = np.flatnonzero(cut_allowed[s:e])
+                best = allowed[np.argmax(gains[allowed])]
+                if gains[best] > 0:
+                    lower = pj[best + 1] if best + 1 < pj.size else 0.0
+                    best_threshold = _between(pj[best], lower)
+                else:
+                    best_threshold = _between(pj[0], 1.0) if pj[0] < 1.0 else np.nextafter(1.0, 2.0)
+                if weight is not None:
+                    best_threshold = weight[j] * best_threshold + (1.0 - weight[j]) * self.global_threshold_
+                thresholds[j] = best_threshold
+                now = pj >= best_threshold
+                decided[s:e] = now
+                hits[ids] = base_hits + (now & yj)
+                predicted[ids] = base_predicted + now
+            objective.append(self._objective(hits, predicted, sizes, n_scored))
+            if objective[-1] - objective[-2] < self.tolerance:
+                break
+        self.thresholds_ = thresholds
+        self.sweep_scores_ = objective  # training objective (no label-count rule) after each sweep
+        return self
+
+    @staticmethod
+    def _objective(hits: np.ndarray, predicted: np.ndarray, sizes: np.ndarray, n_scored: int) -> float:
+        scored = sizes > 0
+        return float((2.0 * hits[scored] / (predicted[scored] + sizes[scored])).sum() / n_scored)
+
+    def decide(self, probs: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+        """Bool CSR of entries at or above their concept's threshold, before the label-count rule."""
+        scores = as_score_csr(probs)
+        passed = scores.data >= self.thresholds_[scores.indices]
+        decided = sp.csr_matrix((passed, scores.indices, scores.indptr), shape=scores.shape, dtype=bool)
+        decided.eliminate_zeros()  # stored False entries would count as predictions in row lengths
+        return decided
+
+    def predict(self, probs: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+        """Thresholded labels with at least `min_labels` (best scores) and at most `max_labels` per image."""
+        scores = as_score_csr(probs)
+        if scores.shape[1] != self.thresholds_.size:
+            raise ValueError(f"probs have {scores.shape[1]} concepts, thresholds {self.thresholds_.size}")
+        passed = scores.data >= self.thresholds_[scores.indices]
+        return limit_labels_per_row(scores, passed, self.min_labels, self.max_labels)
+
+    def save(self, path: str | Path) -> Path:
+        """JSON (a .json path, or DIR/thresholds.json); floats are written exactly."""
+        path = Path(path)
+        path = path if path.suffix == ".json" else path / THRESHOLDS_FILE
+        atomic_write_json(
+            path,
+            {
+                "kind": "concept_thresholds",
+                "params": self.get_params(),
+                "global_threshold": self.global_threshold_,
+                "thresholds": self.thresholds_.tolist(),
+                "n_positives": self.n_positives_.tolist(),
+                "sweep_scores": self.sweep_scores_,
+            },
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConceptThresholdTuner":
+        path = Path(path)
+        path = path if path.suffix == ".json" else path / THRESHOLDS_FILE
+        payload = read_json(path)
+        tuner = cls(**payload["params"])
+        tuner.global_threshold_ = float(payload["global_threshold"])
+        tuner.thresholds_ = np.asarray(payload["thresholds"], dtype=np.float64)
+        tuner.n_positives_ = np.asarray(payload["n_positives"], dtype=np.int64)
+        tuner.sweep_scores_ = list(payload["sweep_scores"])
+        return tuner
