@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,9 +65,16 @@ def train_all(
 ) -> None:
     """Train the router, the global and per-category models, then fit the stacker and thresholds."""
     from pipeline.train_all import train_all as run_train_all
+    from training import distributed
 
     stages = [stage.strip() for stage in only.split(",") if stage.strip()] if only else None
-    run_train_all(data_dir=data, run_dir=out, config_path=config, only=stages, overrides=set_)
+    # Under torchrun (WORLD_SIZE > 1) every rank runs this; see docs/DISTRIBUTED.md.
+    if distributed.init_if_launched(timeout=timedelta(hours=4)) and not distributed.is_main_process():
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run_train_all(data_dir=data, run_dir=out, config_path=config, only=stages, overrides=set_)
+    finally:
+        distributed.destroy()
 
 
 @app.command("predict")

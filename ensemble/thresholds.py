@@ -147,6 +147,8 @@ class ConceptThresholdTuner:
         # Last position of each run of equal probabilities: cuts can only fall there.
         cut_allowed = np.ones(p.size, dtype=bool)
         cut_allowed[:-1] = p[:-1] != p[1:]
+        # A concept's last entry is always a cut, even when the next concept starts with the same value.
+        cut_allowed[starts[1:][np.diff(starts) > 0] - 1] = True
 
         decided = p >= thresholds[scores.indices[order]]
         hits = np.bincount(rows, weights=decided & labels, minlength=n)

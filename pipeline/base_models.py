@@ -18,6 +18,7 @@ from core.config import Config
 from core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from data.vocabulary import ConceptVocabulary
 from pipeline.datasets import ImageSet
+from pipeline.ranks import is_main_process
 from pipeline.run_directory import RunLayout
 from router import ModalityRouter
 
@@ -36,6 +37,8 @@ class ModelPredictions:
     embeddings: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
+        if not is_main_process():
+            return
         arrays = {"image_ids": np.array(self.image_ids), "probs": self.probs}
         if self.embeddings is not None:
             arrays["embeddings"] = self.embeddings
@@ -63,6 +66,8 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
 
 
 def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarray) -> None:
+    if not is_main_process():
+        return
     atomic_write_json(work_dir / "confusion.json", {"categories": list(categories), "matrix": np.asarray(confusion).tolist()})
 
 
@@ -87,7 +92,8 @@ def train_concept_stage(
     validation images (kNN queries), from the same forward passes as its probabilities.
     """
     settings = config.global_model if is_global else config.category_model
-    vocabulary.save(work_dir / "vocabulary.json")
+    if is_main_process():
+        vocabulary.save(work_dir / "vocabulary.json")
     model = ConceptModel(settings, config.data.image_size, config.device, config.seed, config.data.num_workers)
     model.fit(
         training.images,

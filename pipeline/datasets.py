@@ -13,6 +13,7 @@ from core.config import Config
 from data.cache import ImageCache
 from data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
 from data.vocabulary import ConceptVocabulary
+from pipeline.ranks import main_process_first
 
 log = logging.getLogger("conceptclef")
 
@@ -95,7 +96,8 @@ def cached_images(records: list[ImageRecord], config: Config, cache_dir: Path, k
     predict keeps it (as a blank image) when the user asked to skip bad images.
     """
     cache = ImageCache(cache_dir)
-    cached = cache.image_array([record.path for record in records], config.data.image_size, skip_bad=config.data.skip_bad_images)
+    with main_process_first():
+        cached = cache.image_array([record.path for record in records], config.data.image_size, skip_bad=config.data.skip_bad_images)
     bad = sorted(cached.bad_indices)
     if not bad or keep_bad:
         return records, cached.array, bad

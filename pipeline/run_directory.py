@@ -15,6 +15,7 @@ from typing import Any
 from core.config import Config, ConfigError, load_config, save_config
 from core.runfiles import atomic_write_json, read_json
 from pipeline.errors import RunDirectoryError
+from pipeline.ranks import is_main_process
 
 MANIFEST_VERSION = 1
 
@@ -69,7 +70,8 @@ class Manifest:
     version: int = MANIFEST_VERSION
 
     def save(self, layout: RunLayout) -> None:
-        atomic_write_json(layout.manifest_path, dataclasses.asdict(self))
+        if is_main_process():
+            atomic_write_json(layout.manifest_path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, layout: RunLayout) -> "Manifest":
@@ -112,8 +114,9 @@ def resolve_run_config(layout: RunLayout, config_path: Path | None) -> Config:
 
 
 def write_run_config(layout: RunLayout, config: Config) -> None:
-    layout.root.mkdir(parents=True, exist_ok=True)
-    save_config(config, layout.config_path)
+    if is_main_process():
+        layout.root.mkdir(parents=True, exist_ok=True)
+        save_config(config, layout.config_path)
 
 
 def load_run_config(layout: RunLayout) -> Config:

@@ -20,6 +20,7 @@ from data.vocabulary import ConceptVocabulary
 from pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
 from pipeline.datasets import ImageSet, load_training_sets
 from pipeline.errors import RunDirectoryError
+from pipeline.ranks import barrier, is_main_process
 from pipeline.run_directory import Manifest, RunLayout, resolve_run_config, write_run_config
 from pipeline.stacking import fit_ensemble_stage
 from router import ModalityRouter
@@ -49,6 +50,7 @@ def train_all(
     categories = sorted({str(category) for category in train.categories})
     manifest = _open_manifest(layout, Path(data_dir), categories)
     write_run_config(layout, config)
+    barrier()
     stages = _plan_stages(categories, only)
     log.info("run %s: %d train / %d valid images, categories %s", layout.root, len(train.records), len(valid.records), ", ".join(categories))
 
@@ -59,16 +61,20 @@ def train_all(
     if "router" in stages and not _finished(layout.router_dir, ModalityRouter, PREDICTIONS_FILE):
         train_router_stage(layout, config, train, valid)
         manifest.forget_finished(["ensemble"], layout)
+    barrier()
     if "global" in stages and not (
         _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
     ):
         train_concept_stage(layout.global_dir, config, train, global_vocabulary, valid, valid, train_all_images=train, is_global=True)
         manifest.forget_finished(["ensemble"], layout)
+    barrier()
     for category in categories:
         if category in stages:
             _train_category(layout, manifest, config, category, train, valid)
+            barrier()
     manifest.save(layout)
-    if "ensemble" in stages:
+    # LightGBM and threshold tuning are single-process work: under torchrun, rank 0 does them.
+    if "ensemble" in stages and is_main_process():
         missing = _missing_base_models(layout, manifest)
         if missing:
             raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(missing)}")
@@ -100,7 +106,8 @@ def _open_manifest(layout: RunLayout, data_dir: Path, categories: list[str]) -> 
             )
         return manifest
     manifest = Manifest(data_dir=str(data_dir.resolve()), categories=categories)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        layout.root.mkdir(parents=True, exist_ok=True)
     manifest.save(layout)
     return manifest
 
@@ -142,7 +149,8 @@ def _train_category(layout: RunLayout, manifest: Manifest, config: Config, categ
             else "no validation images" if len(valid_members) == 0 else "no concept reaches min_concept_count"
         )
         log.warning("category %s has %s: it uses the global model", category, reason)
-        atomic_write_json(layout.fallback_path(category), {"category": category, "reason": reason})
+        if is_main_process():
+            atomic_write_json(layout.fallback_path(category), {"category": category, "reason": reason})
         if category not in manifest.fallback_categories:
             manifest.fallback_categories.append(category)
         manifest.category_vocabularies.pop(category, None)
@@ -151,7 +159,8 @@ def _train_category(layout: RunLayout, manifest: Manifest, config: Config, categ
     manifest.category_vocabularies[category] = vocabulary.fingerprint()
     if category in manifest.fallback_categories:
         manifest.fallback_categories.remove(category)
-    layout.fallback_path(category).unlink(missing_ok=True)
+    if is_main_process():
+        layout.fallback_path(category).unlink(missing_ok=True)
     if _finished(work_dir, ConceptModel, PREDICTIONS_FILE):
         return
     train_concept_stage(work_dir, config, category_train, vocabulary, valid.subset(valid_members), valid)

@@ -148,3 +148,17 @@ def test_tuning_is_fast_on_many_images_and_concepts():
     elapsed = time.perf_counter() - start
     assert elapsed < 15.0, elapsed
     assert tuner.sweep_scores_[-1] > 0.95  # the 0.7 cut is found
+
+
+def test_tied_probabilities_across_neighbouring_concepts_do_not_break_fit():
+    """A concept whose entries all equal the next concept's first value still gets a threshold."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from ensemble.thresholds import ConceptThresholdTuner
+
+    probs = sp.csr_matrix(np.array([[0.3, 0.3, 0.0], [0.3, 0.3, 0.9], [0.3, 0.0, 0.9]]))
+    truth = sp.csr_matrix(np.array([[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    tuner = ConceptThresholdTuner(prior_strength=0.0).fit(probs, truth)
+    assert tuner.thresholds_.shape == (3,)
+    assert tuner.predict(probs).toarray()[:, 0].all()  # concept 0 is right on 2 of its 3 images: worth predicting
