@@ -1,0 +1,95 @@
+"""Benchmark: `predict` throughput against the bare forward passes of the same networks.
+
+What `predict` adds on top of the networks (routing, kNN retrieval, candidate features, the
+LightGBM stacker, decisions, writing the submission and the probabilities file) should cost
+under 25% of the networks' own forward time. Both are measured in the same run, on the same
+images, from a warm image cache, so JPEG decoding is in neither figure.
+
+    .venv/bin/python benchmarks/inference_overhead.py --run demo/run --images demo/data/test --images-count 1000
+
+Needs a trained run (`make demo` makes demo/run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.datasets import load_unlabelled_set  # noqa: E402
+from pipeline.predict import RunModels, predict_submission  # noqa: E402
+from pipeline.run_directory import Manifest, RunLayout, load_run_config  # noqa: E402
+
+
+def replicate_images(source: Path, count: int, target: Path) -> Path:
+    """A flat folder of `count` images, cycling through the source folder's files."""
+    files = sorted(path for path in source.iterdir() if path.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if not files:
+        raise SystemExit(f"{source}: no images")
+    target.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        original = files[index % len(files)]
+        shutil.copyfile(original, target / f"bench{index:06d}{original.suffix.lower()}")
+    return target
+
+
+def bare_forward_seconds(models: RunModels, images: np.ndarray, batch_size: int) -> tuple[float, dict[str, float]]:
+    """Every network of the run applied to every image: uint8 batch -> network(batch), nothing else."""
+    networks = {"router": models.router.network_, "global": models.global_model.network_}
+    networks.update({f"category-{name}": model.network_ for name, model in models.category_models.items()})
+    per_network: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, network in networks.items():
+            network.eval()
+            started = time.perf_counter()
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
+                network(batch)
+            per_network[name] = time.perf_counter() - started
+    return sum(per_network.values()), per_network
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("demo/run"))
+    parser.add_argument("--images", type=Path, default=Path("demo/data/test"))
+    parser.add_argument("--images-count", type=int, default=1000, help="images to predict (the folder's, cycled)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    layout = RunLayout(args.run)
+    config = load_run_config(layout)
+    manifest = Manifest.load(layout)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = replicate_images(args.images, args.images_count, Path(scratch) / "images")
+        out = Path(scratch) / "submission.tsv"
+        predict_submission(args.run, folder, out)  # warm-up: builds the image cache, loads libraries
+        models = RunModels.load(layout, manifest, config)
+        image_set, _ = load_unlabelled_set(folder, config, layout.cache_dir)
+        images = np.asarray(image_set.images)
+
+        bare_total, per_network = bare_forward_seconds(models, images, args.batch_size)
+        started = time.perf_counter()
+        summary = predict_submission(args.run, folder, out)
+        predict_total = time.perf_counter() - started
+
+    count = len(images)
+    print(f"run {args.run}: {count} images of {config.data.image_size} px, {len(per_network)} networks, torch threads {torch.get_num_threads()}")
+    for name, seconds in per_network.items():
+        print(f"  bare forward {name:<16} {seconds:7.2f} s  {count / seconds:8.1f} img/s")
+    print(f"bare forward, all networks     {bare_total:7.2f} s  {count / bare_total:8.1f} img/s")
+    print(f"predict (whole command)        {predict_total:7.2f} s  {count / predict_total:8.1f} img/s  (rule {summary['decision_rule']})")
+    overhead = (predict_total - bare_total) / bare_total
+    print(f"predict cost on top of the bare forward passes: {100 * overhead:+.1f}% (target < +25%)")
+
+
+if __name__ == "__main__":
+    main()
