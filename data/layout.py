@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.concepts import read_concept_rows
@@ -45,6 +45,8 @@ class LabelledSplit:
     name: str
     records: tuple[ImageRecord, ...]
     concepts: Mapping[str, list[str]]
+    source: Path | None = None  # the concept file, so later errors about an image can cite its row
+    lines: Mapping[str, int] = field(default_factory=dict)  # image ID -> line in `source`
 
     def __len__(self) -> int:
         return len(self.records)
@@ -156,7 +158,7 @@ def load_split(data_dir: Path | str, split: str, allow_unlisted: bool = False) -
         raise DataError(
             unlisted[0].path,
             f"image is not listed in {concept_path} ({len(unlisted)} unlisted image(s) in the {split!r} split; "
-            "pass allow_unlisted=True to leave them out)",
+            "add a row for each, or move them out of the folder)",
         )
     if unlisted:
         warnings.warn(
@@ -164,7 +166,13 @@ def load_split(data_dir: Path | str, split: str, allow_unlisted: bool = False) -
             f"(first: {unlisted[0].path})",
             stacklevel=2,
         )
-    return LabelledSplit(split, tuple(records), {row.image_id: row.cuis for row in rows})
+    return LabelledSplit(
+        split,
+        tuple(records),
+        {row.image_id: row.cuis for row in rows},
+        source=concept_path,
+        lines={row.image_id: row.line for row in rows},
+    )
 
 
 def discover_categories(data_dir: Path | str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import scipy.sparse as sp
 
 from core.config import Config
 from data.cache import ImageCache
+from data.errors import ImageReadError
 from data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
 from data.vocabulary import ConceptVocabulary
 from pipeline.ranks import main_process_first
@@ -106,9 +108,15 @@ def cached_images(records: list[ImageRecord], config: Config, cache_dir: Path, k
 
 
 def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> ImageSet:
-    records, images, bad = cached_images(split.records, config, cache_dir, keep_bad=False)
+    try:
+        records, images, bad = cached_images(list(split.records), config, cache_dir, keep_bad=False)
+    except ImageReadError as error:
+        raise _cite_concept_row(error, split) from None
     if bad:
-        log.warning("%s: skipped %d unreadable images", split.name, len(bad))
+        log.warning(
+            "%s: skipped %d of %d unreadable images (data.skip_bad_images = true): %s",
+            split.name, len(bad), len(split.records), _first_paths(split.records, bad),
+        )
     concepts = [split.concepts[record.image_id] for record in records]
     return ImageSet(records=records, images=images, concept_lists=concepts)
 
@@ -139,5 +147,22 @@ def load_unlabelled_set(images_dir: Path, config: Config, cache_dir: Path) -> tu
     records = list_image_folder(Path(images_dir))
     records, images, bad = cached_images(records, config, cache_dir, keep_bad=True)
     if bad:
-        log.warning("%s: %d unreadable images get predictions from a blank image", images_dir, len(bad))
+        log.warning(
+            "%s: %d of %d unreadable images get predictions from a blank image (data.skip_bad_images = true): %s",
+            images_dir, len(bad), len(records), _first_paths(records, bad),
+        )
     return ImageSet(records=records, images=images), bad
+
+
+def _first_paths(records: Sequence[ImageRecord], indices: list[int], shown: int = 5) -> str:
+    names = ", ".join(str(records[index].path) for index in indices[:shown])
+    return names + (", ..." if len(indices) > shown else "")
+
+
+def _cite_concept_row(error: ImageReadError, split: LabelledSplit) -> ImageReadError:
+    """The same error, also naming the concept-file line that listed the image: the user fixes one or the other."""
+    image_id = next((record.image_id for record in split.records if record.path == error.path), None)
+    line = split.lines.get(image_id) if image_id is not None else None
+    if split.source is None or line is None:
+        return error
+    return ImageReadError(error.path, f"{error.message} (image {image_id!r}, listed at {split.source}:{line})")
