@@ -18,6 +18,7 @@ import torch
 from core.config import TrainingConfig
 from scoring.f1 import mean_sample_f1_sparse
 from training.estimator import NetworkEstimator
+from training.feature_store import FeatureStore
 from training.loop import EpochCallback, Objective
 from training.losses import build_loss, positive_class_weights
 
@@ -43,9 +44,15 @@ class ConceptModel(NetworkEstimator):
     activation = "sigmoid"
 
     def __init__(
-        self, training: TrainingConfig, image_size: int, device: str = "auto", seed: int = 0, num_workers: int = 0
+        self,
+        training: TrainingConfig,
+        image_size: int,
+        device: str = "auto",
+        seed: int = 0,
+        num_workers: int = 0,
+        feature_store: FeatureStore | None = None,
     ) -> None:
-        super().__init__(training, image_size, device, seed, num_workers)
+        super().__init__(training, image_size, device, seed, num_workers, feature_store)
 
     def fit(
         self,
@@ -89,5 +96,5 @@ class ConceptModel(NetworkEstimator):
         self.best_valid_f1_ = float(summary.get("valid_f1", best_metric))
 
     @classmethod
-    def load(cls, work_dir: Path, device: str = "auto") -> "ConceptModel":
-        return super().load(work_dir, device)  # type: ignore[return-value]
+    def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "ConceptModel":
+        return super().load(work_dir, device, feature_store)  # type: ignore[return-value]

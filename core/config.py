@@ -70,6 +70,11 @@ class DataConfig:
     min_category_images: int = 50  # fewer training images: the category uses the global model
     num_workers: int = 0
     validation_fraction: float = 0.1  # used when the data has no valid split
+    # Frozen-backbone features (finetune = "head") shared by every model of a process
+    # (training.feature_store): "disk" also keeps them in files so reruns skip the backbone,
+    # "memory" only within a process, "off" lets each model compute its own.
+    feature_cache: Literal["disk", "memory", "off"] = "disk"
+    feature_cache_dir: str = ""  # disk: empty = a features/ folder beside the image cache (cache_dir)
 
 
 @dataclass(frozen=True)

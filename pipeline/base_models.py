@@ -21,6 +21,7 @@ from pipeline.datasets import ImageSet
 from pipeline.ranks import is_main_process
 from pipeline.run_directory import RunLayout
 from router import ModalityRouter
+from training.feature_store import feature_store_for
 
 log = logging.getLogger("conceptclef")
 
@@ -56,7 +57,9 @@ class ModelPredictions:
 
 def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter:
     work_dir = layout.router_dir
-    router = ModalityRouter(config.router, config.data.image_size, config.device, config.seed, config.data.num_workers)
+    router = ModalityRouter(
+        config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+    )
     router.fit(train.images, [str(c) for c in train.categories], valid.images, [str(c) for c in valid.categories], work_dir)
     probs = router.predict_proba(valid.images)
     ModelPredictions(valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
@@ -94,7 +97,9 @@ def train_concept_stage(
     settings = config.global_model if is_global else config.category_model
     if is_main_process():
         vocabulary.save(work_dir / "vocabulary.json")
-    model = ConceptModel(settings, config.data.image_size, config.device, config.seed, config.data.num_workers)
+    model = ConceptModel(
+        settings, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+    )
     model.fit(
         training.images,
         training.labels(vocabulary),

@@ -20,6 +20,7 @@ from pipeline.errors import RunDirectoryError
 from pipeline.run_directory import Manifest, RunLayout, load_run_config
 from pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
 from router import ModalityRouter
+from training.feature_store import feature_store_for
 
 log = logging.getLogger("conceptclef")
 
@@ -40,7 +41,8 @@ class RunModels:
         for name, work_dir, model_class in [("router", layout.router_dir, ModalityRouter), ("global", layout.global_dir, ConceptModel)]:
             if not model_class.is_trained(work_dir):
                 raise RunDirectoryError(f"{work_dir}: the {name} model is not trained; rerun train-all")
-        router = ModalityRouter.load(layout.router_dir, config.device)
+        features = feature_store_for(config.data)  # one frozen-backbone pass shared by all head-mode models
+        router = ModalityRouter.load(layout.router_dir, config.device, features)
         if list(router.categories_) != list(manifest.categories):
             raise RunDirectoryError(
                 f"{layout.router_dir}: router categories {router.categories_} differ from the run's {manifest.categories}"
@@ -48,7 +50,7 @@ class RunModels:
         vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
         if vocabulary.fingerprint() != manifest.global_vocabulary:
             raise RunDirectoryError(f"{layout.global_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
-        global_model = ConceptModel.load(layout.global_dir, config.device)
+        global_model = ConceptModel.load(layout.global_dir, config.device, features)
         category_models = {}
         for category in active_categories(manifest):
             work_dir = layout.category_dir(category)
@@ -57,7 +59,7 @@ class RunModels:
             category_vocabulary = ConceptVocabulary.load(work_dir / "vocabulary.json")
             if category_vocabulary.fingerprint() != manifest.category_vocabularies.get(category):
                 raise RunDirectoryError(f"{work_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
-            category_models[category] = ConceptModel.load(work_dir, config.device)
+            category_models[category] = ConceptModel.load(work_dir, config.device, features)
         return cls(router, global_model, category_models, vocabulary)
 
     def predict(self, image_set: ImageSet) -> BaseOutputs:

@@ -16,6 +16,7 @@ from torch import nn
 
 from core.config import TrainingConfig
 from training.estimator import NetworkEstimator
+from training.feature_store import FeatureStore
 from training.loop import EpochCallback, Objective
 from training.losses import balanced_class_weights
 
@@ -42,9 +43,15 @@ class ModalityRouter(NetworkEstimator):
     activation = "softmax"
 
     def __init__(
-        self, training: TrainingConfig, image_size: int, device: str = "auto", seed: int = 0, num_workers: int = 0
+        self,
+        training: TrainingConfig,
+        image_size: int,
+        device: str = "auto",
+        seed: int = 0,
+        num_workers: int = 0,
+        feature_store: FeatureStore | None = None,
     ) -> None:
-        super().__init__(training, image_size, device, seed, num_workers)
+        super().__init__(training, image_size, device, seed, num_workers, feature_store)
 
     def fit(
         self,
@@ -94,5 +101,5 @@ class ModalityRouter(NetworkEstimator):
         self.confusion_ = np.array(confusion, dtype=np.int64) if confusion is not None else None
 
     @classmethod
-    def load(cls, work_dir: Path, device: str = "auto") -> "ModalityRouter":
-        return super().load(work_dir, device)  # type: ignore[return-value]
+    def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "ModalityRouter":
+        return super().load(work_dir, device, feature_store)  # type: ignore[return-value]

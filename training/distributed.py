@@ -200,6 +200,19 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
 
+def any_rank_rows(flags: np.ndarray) -> np.ndarray:
+    """Element-wise OR of a boolean vector over ranks (every rank passes the same length).
+
+    Ranks that must run a sharded forward pass together first agree on which rows it covers.
+    """
+    flags = np.asarray(flags, dtype=bool)
+    if world_size() == 1:
+        return flags
+    counts = torch.from_numpy(flags.astype(np.int32)).to(collective_device())
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts.cpu().numpy() > 0
+
+
 def wrap_for_training(module: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `module` when distributed (gradients averaged), else `module`.
 

@@ -4,6 +4,11 @@
 finished work directory); learned state ends with `_`. Subclasses only say how their targets are
 encoded, which loss and metric they use, and what they remember from validation.
 
+Head-only models (finetune = "head") get their frozen-backbone features from a
+`training.feature_store.FeatureStore` (by default the process-wide one), so the router, the global
+and the category models push each image through a shared frozen backbone once, in `fit` and in
+prediction alike; the head then runs on the stored features. Other modes run the whole network.
+
 Under torchrun, `fit`, `predict_proba`, `embed` and `predict_proba_and_embed` are collectives:
 every rank calls them with the same images. Prediction is sharded (each rank runs 1/world of the
 images) and all-gathered, so every rank returns the full result in the original row order and
@@ -29,6 +34,7 @@ from training import distributed
 from training.backbones import ImageClassifier, create_network
 from training.batches import ImageBatches, Targets, batch_loader, check_images
 from training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
+from training.feature_store import ExtractionSettings, FeatureStore, head_probabilities, shared_feature_store
 from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
 from training.runtime import progress_enabled, resolve_device, seed_everything
@@ -64,13 +70,23 @@ class NetworkEstimator:
     activation: ClassVar[Activation] = "sigmoid"
 
     def __init__(
-        self, training: TrainingConfig, image_size: int, device: str = "auto", seed: int = 0, num_workers: int = 0
+        self,
+        training: TrainingConfig,
+        image_size: int,
+        device: str = "auto",
+        seed: int = 0,
+        num_workers: int = 0,
+        feature_store: FeatureStore | None = None,
     ) -> None:
         self.training = training
         self.image_size = image_size
         self.device = device
         self.seed = seed
         self.num_workers = num_workers
+        self.feature_store = feature_store  # None: the process-wide store (memory only)
+
+    def _store(self) -> FeatureStore:
+        return self.feature_store if self.feature_store is not None else shared_feature_store()
 
     # -- what subclasses define -------------------------------------------------------------
     def _objective(self, targets: Targets, num_classes: int) -> Objective:
@@ -129,6 +145,7 @@ class NetworkEstimator:
             fingerprint=fingerprint,
             summarize=lambda outputs: self._summarize(outputs, valid_targets),
             on_epoch_end=on_epoch_end,
+            feature_store=self._store(),
         )
         self.network_, self.device_ = network, device
         self._adopt(classes, result.history, result.best_metric, result.summary)
@@ -186,11 +203,15 @@ class NetworkEstimator:
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, work_dir: Path, device: str = "auto") -> "NetworkEstimator":
+    def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "NetworkEstimator":
         """A trained model from checkpoint.pt alone (no config file or data needed)."""
         payload = load_checkpoint(RunFiles(work_dir).best)
         estimator = cls(
-            training_config_from_dict(payload["training"]), int(payload["image_size"]), device, int(payload.get("seed", 0))
+            training_config_from_dict(payload["training"]),
+            int(payload["image_size"]),
+            device,
+            int(payload.get("seed", 0)),
+            feature_store=feature_store,
         )
         estimator._restore(payload, resolve_device(device))
         return estimator
@@ -217,6 +238,9 @@ class NetworkEstimator:
         widths = ([network.num_classes] if probabilities else []) + ([network.num_features] if embeddings else [])
         if len(images) == 0:
             return [np.zeros((0, width), dtype=np.float32) for width in widths]
+        settings = DeviceSettings.for_device(self.device_, self.training.amp, self.training.channels_last)
+        if self.training.finetune == "head":
+            return self._outputs_from_stored_features(images, probabilities, embeddings, settings)
 
         def forward(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             features = network.features(inputs)
@@ -227,10 +251,28 @@ class NetworkEstimator:
                 outputs.append(features)
             return tuple(outputs)
 
-        settings = DeviceSettings.for_device(self.device_, self.training.amp, self.training.channels_last)
         shard = distributed.shard_for(len(images))
         loader = batch_loader(ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers, shard=shard)
         return run_forward(forward, loader, len(images), settings, progress_enabled(), f"{self.kind} predict", shard)
+
+    def _outputs_from_stored_features(
+        self, images: Any, probabilities: bool, embeddings: bool, settings: DeviceSettings
+    ) -> list[np.ndarray]:
+        """Head-mode outputs: the frozen backbone's features from the store, then the head on them.
+
+        Every rank gets all features from the store (a collective) and runs the cheap head itself.
+        """
+        network = self.network_
+        extraction = ExtractionSettings(
+            self.training.batch_size, settings, self.num_workers, progress_enabled(), f"{self.kind} predict"
+        )
+        features = self._store().features(network, images, extraction)
+        outputs = []
+        if probabilities:
+            outputs.append(head_probabilities(network, features, self.activation, self.training.batch_size, settings))
+        if embeddings:
+            outputs.append(features)
+        return outputs
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """(n, classes) float32 probabilities."""

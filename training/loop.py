@@ -10,7 +10,9 @@ Fine-tuning modes:
   full       every weight trains from the first epoch.
   head       the backbone is frozen; its features for train and valid images are computed ONCE
              (no augmentation, batch norm in eval mode) and the head trains on those cached
-             tensors, which turns a CPU epoch into milliseconds.
+             tensors, which turns a CPU epoch into milliseconds. With a `FeatureStore`
+             (training.feature_store) they are computed once per process for ALL models that
+             share the backbone and the images, and can be kept on disk between runs.
   layerwise  the head trains first; every `unfreeze_every_epochs` epochs one more backbone stage
              (timm's coarse layer groups) unfreezes, from the top down. Frozen batch norms keep
              their ImageNet statistics.
@@ -57,6 +59,7 @@ from training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from training.feature_store import ExtractionSettings, FeatureStore, compute_features
 from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from training.runtime import (
     capture_rng_state,
@@ -139,6 +142,7 @@ def fit_network(
     fingerprint: str,
     summarize: Callable[[np.ndarray], dict[str, Any]] | None = None,
     on_epoch_end: EpochCallback | None = None,
+    feature_store: FeatureStore | None = None,
 ) -> FitResult:
     """Train `network` (resuming `work_dir` when it holds this job's unfinished state) and keep the best epoch.
 
@@ -149,6 +153,10 @@ def fit_network(
 
     Under torchrun this is a collective: every rank calls it with the same data and gets the same
     result; only rank 0 writes the files, and `on_epoch_end` runs on every rank.
+
+    In head mode the frozen backbone's features come from `feature_store` (computed there once
+    and shared with every other model using the same backbone and images); without one they are
+    computed here for this network alone.
     """
     files = RunFiles(work_dir)
     device_settings = DeviceSettings.for_device(settings.device, training.amp, training.channels_last)
@@ -162,7 +170,7 @@ def fit_network(
     try:
         return _fit(
             network, objective, training, train, valid, files, settings, device_settings, initial_weights,
-            checkpoint_metadata, fingerprint, summarize, on_epoch_end,
+            checkpoint_metadata, fingerprint, summarize, on_epoch_end, feature_store,
         )
     finally:
         if synced is not None:
@@ -183,8 +191,9 @@ def _fit(
     fingerprint: str,
     summarize: Callable[[np.ndarray], dict[str, Any]] | None,
     on_epoch_end: EpochCallback | None,
+    feature_store: FeatureStore | None,
 ) -> FitResult:
-    phase = _build_phase(network, training, train, valid, settings, device_settings)
+    phase = _build_phase(network, training, train, valid, settings, device_settings, feature_store)
     optimizer = _build_optimizer(phase.module, training)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=training.lr_reduce_factor, patience=training.lr_reduce_patience
@@ -263,11 +272,13 @@ def _build_phase(
     valid: tuple[Any, Targets],
     settings: RunSettings,
     device_settings: DeviceSettings,
+    feature_store: FeatureStore | None = None,
 ) -> _Phase:
     if training.finetune == "head":
         unfreeze_top_groups(network, layer_groups(network.backbone), 0)
-        train_features = extract_features(network, train[0], training.batch_size, settings, device_settings, "features (train)")
-        valid_features = extract_features(network, valid[0], training.batch_size, settings, device_settings, "features (valid)")
+        shared = (training.batch_size, settings, device_settings, feature_store)
+        train_features = _head_features(network, train[0], *shared, "features (train)")
+        valid_features = _head_features(network, valid[0], *shared, "features (valid)")
         return _Phase(network.head, network.head, FeatureBatches(train_features, train[1]), FeatureBatches(valid_features, valid[1]), 0)
     if training.finetune == "full":
         unfreeze_top_groups(network, layer_groups(network.backbone), -1)
@@ -275,6 +286,22 @@ def _build_phase(
     return _Phase(
         network, network, ImageBatches(train[0], train[1], augmenter), ImageBatches(valid[0], valid[1]), settings.num_workers
     )
+
+
+def _head_features(
+    network: ImageClassifier,
+    images: Any,
+    batch_size: int,
+    settings: RunSettings,
+    device_settings: DeviceSettings,
+    feature_store: FeatureStore | None,
+    description: str,
+) -> torch.Tensor:
+    """Frozen-backbone features for head training: from the shared store when there is one."""
+    if feature_store is None:
+        return extract_features(network, images, batch_size, settings, device_settings, description)
+    extraction = ExtractionSettings(batch_size, device_settings, settings.num_workers, settings.progress, f"{settings.label} {description}")
+    return torch.from_numpy(feature_store.features(network, images, extraction))
 
 
 def extract_features(
@@ -289,13 +316,8 @@ def extract_features(
 
     Distributed, each rank computes a shard and every rank receives all rows.
     """
-    network.eval()
-    shard = distributed.shard_for(len(images))
-    loader = batch_loader(ImageBatches(images), batch_size, shuffle=False, num_workers=settings.num_workers, shard=shard)
-    (features,) = run_forward(
-        network.features, loader, len(images), device_settings, settings.progress, f"{settings.label} {description}", shard
-    )
-    return torch.from_numpy(features)
+    extraction = ExtractionSettings(batch_size, device_settings, settings.num_workers, settings.progress, f"{settings.label} {description}")
+    return torch.from_numpy(compute_features(network, images, extraction))
 
 
 def _build_optimizer(module: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
