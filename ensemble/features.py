@@ -39,12 +39,13 @@ def feature_names_for(categories: list[str]) -> list[str]:
         "routed_prob",
         "mixture_prob",
         "mixture_coverage",
+        "global_routed_mean",
     ]
     names += [f"category_prob:{name}" for name in categories]
     names += [f"router_prob:{name}" for name in categories]
     names += ["router_max", "router_entropy", "knn_score"]
     names += [f"rank:{source}" for source in SOURCES]
-    names += ["n_sources", "concept_frequency", "routed_concept_frequency"]
+    names += ["n_sources", "concept_frequency", "routed_concept_frequency", "concept_id"]
     return names
 
 
@@ -75,12 +76,17 @@ def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTabl
     def put(values: np.ndarray) -> None:
         features[:, next(column)] = values
 
-    put(gather(inputs.global_probs, rows, cols))
+    global_at = gather(inputs.global_probs, rows, cols)
+    routed = routed_at(inputs, rows, cols)
+    put(global_at)
     put(_row_sums(inputs.global_probs)[rows])
-    put(routed_at(inputs, rows, cols))
+    put(routed)
     mixture, coverage = mixture_at(inputs, rows, cols)
     put(mixture)
     put(coverage)
+    # Averaging the global and routed models is a strong rule on its own; trees need many
+    # splits to rebuild a sum, so the average is given to them directly.
+    put(0.5 * (global_at + routed))
     for name in inputs.categories:
         put(gather(inputs.category_probs.get(name), rows, cols))
     for c in range(len(inputs.categories)):
@@ -95,6 +101,7 @@ def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTabl
     put(np.asarray(inputs.concept_frequency, dtype=np.float32)[cols])
     category_frequency = np.asarray(inputs.category_concept_frequency, dtype=np.float32)
     put(category_frequency[routed_index(inputs.router_probs)[rows], cols])
+    put(cols.astype(np.float32))  # categorical: lets the stacker learn each concept's own calibration
     if next(column, None) is not None:
         raise RuntimeError("feature_names_for and build_features disagree on the columns")
     return PairTable(candidates, features, names)

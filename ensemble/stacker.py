@@ -108,7 +108,11 @@ class ConceptStacker:
 
     def fit_table(self, table: PairTable, labels: np.ndarray, categories: list[str]) -> "ConceptStacker":
         dataset = lgb.Dataset(
-            table.features, label=labels, feature_name=_lightgbm_names(table.feature_names), free_raw_data=True
+            table.features,
+            label=labels,
+            feature_name=_lightgbm_names(table.feature_names),
+            categorical_feature=[table.feature_names.index("concept_id")],
+            free_raw_data=True,
         )
         self.booster_ = lgb.train(self._lightgbm_params(), dataset, num_boost_round=self.n_estimators)
         self.feature_names_ = list(table.feature_names)
