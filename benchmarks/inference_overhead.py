@@ -13,7 +13,9 @@ Needs a trained run (`make demo` makes demo/run).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from pipeline.datasets import load_unlabelled_set  # noqa: E402
 from pipeline.predict import RunModels, predict_submission  # noqa: E402
@@ -77,16 +80,21 @@ def main() -> None:
         images = np.asarray(image_set.images)
 
         bare_total, per_network = bare_forward_seconds(models, images, args.batch_size)
+        # The timed predict is the real command in a new process with no backbone features
+        # stored yet (only the decoded-image cache is warm, as it is for the bare passes).
+        shutil.rmtree(layout.cache_dir / "features", ignore_errors=True)
+        command = [sys.executable, str(REPO / "cli.py"), "-q", "predict", "--run", str(args.run), "--images", str(folder), "--out", str(out)]
         started = time.perf_counter()
-        summary = predict_submission(args.run, folder, out)
+        completed = subprocess.run(command, check=True, capture_output=True, text=True)
         predict_total = time.perf_counter() - started
+        summary = json.loads(completed.stdout)
 
     count = len(images)
     print(f"run {args.run}: {count} images of {config.data.image_size} px, {len(per_network)} networks, torch threads {torch.get_num_threads()}")
     for name, seconds in per_network.items():
         print(f"  bare forward {name:<16} {seconds:7.2f} s  {count / seconds:8.1f} img/s")
     print(f"bare forward, all networks     {bare_total:7.2f} s  {count / bare_total:8.1f} img/s")
-    print(f"predict (whole command)        {predict_total:7.2f} s  {count / predict_total:8.1f} img/s  (rule {summary['decision_rule']})")
+    print(f"predict (whole command, new process, cold features) {predict_total:7.2f} s  {count / predict_total:8.1f} img/s  (rule {summary['decision_rule']})")
     overhead = (predict_total - bare_total) / bare_total
     print(f"predict cost on top of the bare forward passes: {100 * overhead:+.1f}% (target < +25%)")
 

@@ -19,6 +19,7 @@ from core.config import Config
 from core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from data.vocabulary import ConceptVocabulary
 from ensemble.decoding import choose_decision_rule, load_decision, save_decision
+from ensemble.features import feature_names_for
 from ensemble.inputs import StackingInputs, project_to_columns
 from ensemble.knn import NearestNeighbourScorer
 from ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
@@ -252,8 +253,14 @@ class FittedEnsemble:
                 "rerun `train-all --only ensemble`"
             )
         rule, decider = load_decision(ensemble_dir)
+        stacker = ConceptStacker.load(ensemble_dir)
+        if stacker.feature_names_ != feature_names_for(manifest.categories):
+            raise RunDirectoryError(
+                f"{ensemble_dir / 'stacker.json'}: the stacker was fitted by another version of conceptclef "
+                "(different features); rerun `train-all --only ensemble` to re-fit it from the saved predictions"
+            )
         return cls(
-            stacker=ConceptStacker.load(ensemble_dir),
+            stacker=stacker,
             decider=decider,
             rule=rule,
             statistics=ConceptStatistics.load(ensemble_dir / STATISTICS_FILE),
