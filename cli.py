@@ -62,17 +62,25 @@ def train_all(
     config: Optional[Path] = typer.Option(None, help="TOML config (see configs/)."),
     only: Optional[str] = typer.Option(None, help="Comma-separated stages: router,global,<CATEGORY>,ensemble."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: section.key=value."),
+    devices: Optional[str] = typer.Option(
+        None,
+        help="Train the base models side by side, one worker process per device: cuda:0,cuda:1,... "
+        "or auto (every visible GPU) or cpu,cpu. Default: one after the other in this process.",
+    ),
 ) -> None:
     """Train the router, the global and per-category models, then fit the stacker and thresholds."""
+    from pipeline.parallel import parse_devices
     from pipeline.train_all import train_all as run_train_all
     from training import distributed
 
     stages = [stage.strip() for stage in only.split(",") if stage.strip()] if only else None
+    # Checked before joining a torchrun group: --devices and torchrun exclude each other.
+    device_list = parse_devices(devices) if devices is not None else None
     # Under torchrun (WORLD_SIZE > 1) every rank runs this; see docs/DISTRIBUTED.md.
     if distributed.init_if_launched(timeout=timedelta(hours=4)) and not distributed.is_main_process():
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        run_train_all(data_dir=data, run_dir=out, config_path=config, only=stages, overrides=set_)
+        run_train_all(data_dir=data, run_dir=out, config_path=config, only=stages, overrides=set_, devices=device_list)
     finally:
         distributed.destroy()
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from core.config import Config, ConfigError, load_config, save_config
+from core.config import Config, ConfigError, apply_overrides, load_config, save_config
 from core.runfiles import atomic_write_json, read_json
 from pipeline.errors import RunDirectoryError
 from pipeline.ranks import is_main_process
@@ -70,8 +70,12 @@ class Manifest:
     version: int = MANIFEST_VERSION
 
     def save(self, layout: RunLayout) -> None:
-        if is_main_process():
-            atomic_write_json(layout.manifest_path, dataclasses.asdict(self))
+        if not is_main_process():
+            return
+        payload = dataclasses.asdict(self)
+        if layout.manifest_path.is_file() and read_json(layout.manifest_path) == payload:
+            return  # a resumed run leaves an unchanged manifest untouched
+        atomic_write_json(layout.manifest_path, payload)
 
     @classmethod
     def load(cls, layout: RunLayout) -> "Manifest":
@@ -94,29 +98,35 @@ class Manifest:
         self.save(layout)
 
 
-def resolve_run_config(layout: RunLayout, config_path: Path | None) -> Config:
-    """The run's config: the saved one on resume, else the given file (or defaults).
+def resolve_run_config(layout: RunLayout, config_path: Path | None, overrides: Sequence[str] = ()) -> Config:
+    """The run's config: the given file (or defaults) with `--set` overrides, checked on resume.
 
-    Resuming with a different config would mix models trained under two settings, so a
-    config that differs from the one the run was started with is refused.
+    Rerunning the command that started a run resumes it. Resuming with a different config would
+    mix models trained under two settings, so a resolved config that differs from the saved one
+    is refused; without --config or --set, a resume simply takes the saved config.
     """
-    requested = load_config(config_path) if config_path is not None else None
-    if layout.config_path.is_file():
-        saved = load_config(layout.config_path)
-        if requested is not None and requested != saved:
-            raise ConfigError(
-                f"{config_path}: differs from the config this run was started with ({layout.config_path}); "
-                "use a new --out directory, or rerun without --config to resume"
-            )
+    saved = load_config(layout.config_path) if layout.config_path.is_file() else None
+    if saved is not None and config_path is None and not overrides:
         return saved
-    config = requested if requested is not None else Config()
-    return config
+    requested = load_config(config_path) if config_path is not None else (saved or Config())
+    if overrides:
+        requested = apply_overrides(requested, list(overrides))
+    if saved is not None and requested != saved:
+        given = " ".join([f"--config {config_path}"] * (config_path is not None) + [f"--set {item}" for item in overrides])
+        raise ConfigError(
+            f"{layout.config_path}: {given} differs from the config this run was started with; "
+            "use a new --out directory, or rerun without --config/--set to resume"
+        )
+    return requested
 
 
 def write_run_config(layout: RunLayout, config: Config) -> None:
-    if is_main_process():
-        layout.root.mkdir(parents=True, exist_ok=True)
-        save_config(config, layout.config_path)
+    if not is_main_process():
+        return
+    if layout.config_path.is_file() and load_config(layout.config_path) == config:
+        return
+    layout.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, layout.config_path)
 
 
 def load_run_config(layout: RunLayout) -> Config:

@@ -1,25 +1,31 @@
 """`train-all`: router, global model, per-category models, then the stacker and thresholds.
 
 Every stage leaves its files in the run directory and is skipped when they are complete, so
-rerunning the same command after a crash continues where it stopped.
+rerunning the same command after a crash continues where it stopped. This module decides what to
+train; the base models then train one after the other here, or side by side on several devices
+through `pipeline.parallel`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from category_models import ConceptModel
-from core.config import Config, ConfigError, apply_overrides, load_config
-from core.runfiles import atomic_write_json
+from core.config import Config, ConfigError
+from core.runfiles import atomic_write_json, read_json
 from data.vocabulary import ConceptVocabulary
 from pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
 from pipeline.datasets import ImageSet, load_training_sets
 from pipeline.errors import RunDirectoryError
+from pipeline.parallel import check_devices, run_on_devices
 from pipeline.ranks import barrier, is_main_process
 from pipeline.run_directory import Manifest, RunLayout, resolve_run_config, write_run_config
 from pipeline.stacking import fit_ensemble_stage
@@ -42,7 +48,12 @@ def train_all(
     config_path: Path | None = None,
     only: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    devices: Sequence[str] | None = None,
 ) -> Manifest:
+    """Train what the run still lacks; `devices` (one worker process each) trains the base
+    models side by side instead of one after the other (see docs/DISTRIBUTED.md)."""
+    if devices:
+        check_devices(devices)
     layout = RunLayout(Path(run_dir))
     config = _resolve_config(layout, config_path, overrides)
     seed_everything(config.seed)
@@ -58,20 +69,17 @@ def train_all(
     _check_vocabulary(layout, manifest, "global", global_vocabulary)
     manifest.global_vocabulary = global_vocabulary.fingerprint()
 
-    if "router" in stages and not _finished(layout.router_dir, ModalityRouter, PREDICTIONS_FILE):
-        train_router_stage(layout, config, train, valid)
+    # Every manifest and fallback decision is taken here, before any training, so the models can
+    # train in any order or at the same time (--devices) while only this process writes the manifest.
+    jobs = _pending_models(layout, manifest, config, stages, categories, train, valid, global_vocabulary)
+    manifest.save(layout)
+    if jobs:
         manifest.forget_finished(["ensemble"], layout)
+    if devices:
+        _train_in_parallel(jobs, devices, layout, Path(data_dir), config, train, valid)
+    else:
+        _train_in_sequence(jobs, layout, config, train, valid)
     barrier()
-    if "global" in stages and not (
-        _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
-    ):
-        train_concept_stage(layout.global_dir, config, train, global_vocabulary, valid, valid, train_all_images=train, is_global=True)
-        manifest.forget_finished(["ensemble"], layout)
-    barrier()
-    for category in categories:
-        if category in stages:
-            _train_category(layout, manifest, config, category, train, valid)
-            barrier()
     manifest.save(layout)
     # LightGBM and threshold tuning are single-process work: under torchrun, rank 0 does them.
     if "ensemble" in stages and is_main_process():
@@ -86,14 +94,117 @@ def train_all(
     return manifest
 
 
+@dataclass(frozen=True)
+class ModelJob:
+    """One base network to train: which one, with which vocabulary (None: the router)."""
+
+    name: str  # "router", "global" or a category
+    vocabulary: ConceptVocabulary | None
+    train_images: int  # how big a job it is, for scheduling
+
+    @property
+    def is_category(self) -> bool:
+        return self.name not in ("router", "global")
+
+
+def _pending_models(
+    layout: RunLayout,
+    manifest: Manifest,
+    config: Config,
+    stages: set[str],
+    categories: list[str],
+    train: ImageSet,
+    valid: ImageSet,
+    global_vocabulary: ConceptVocabulary,
+) -> list[ModelJob]:
+    """The base models still to train, in the sequential order; records category decisions in the manifest."""
+    jobs = []
+    if "router" in stages and not _finished(layout.router_dir, ModalityRouter, PREDICTIONS_FILE):
+        jobs.append(ModelJob("router", None, len(train.records)))
+    if "global" in stages and not (
+        _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
+    ):
+        jobs.append(ModelJob("global", global_vocabulary, len(train.records)))
+    for category in categories:
+        if category in stages:
+            vocabulary = _decide_category(layout, manifest, config, category, train, valid)
+            if vocabulary is not None and not _finished(layout.category_dir(category), ConceptModel, PREDICTIONS_FILE):
+                jobs.append(ModelJob(category, vocabulary, len(_members(train, category))))
+    return jobs
+
+
+def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> None:
+    """Train one base model into its work directory (and nowhere else)."""
+    if job.name == "router":
+        train_router_stage(layout, config, train, valid)
+    elif job.name == "global":
+        assert job.vocabulary is not None
+        train_concept_stage(layout.global_dir, config, train, job.vocabulary, valid, valid, train_all_images=train, is_global=True)
+    else:
+        assert job.vocabulary is not None
+        category_train = train.subset(_members(train, job.name))
+        category_valid = valid.subset(_members(valid, job.name))
+        train_concept_stage(layout.category_dir(job.name), config, category_train, job.vocabulary, category_valid, valid)
+
+
+def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> None:
+    for job in jobs:
+        train_model(job, layout, config, train, valid)
+        barrier()
+
+
+def largest_first(jobs: Sequence[ModelJob]) -> list[ModelJob]:
+    """The global model, then the router (both see every image), then categories by training images:
+    the longest jobs start first so that no worker is left with a big one at the end."""
+    return sorted(jobs, key=lambda job: (job.is_category, job.name != "global", -job.train_images, job.name))
+
+
+def _train_in_parallel(
+    jobs: list[ModelJob], devices: Sequence[str], layout: RunLayout, data_dir: Path, config: Config, train: ImageSet, valid: ImageSet
+) -> None:
+    expected = _image_ids_digest(train, valid)
+    run_on_devices(
+        largest_first(jobs),
+        devices,
+        prepare=functools.partial(_prepare_worker, layout, data_dir, config, expected),
+        work=_train_in_worker,
+    )
+
+
+@dataclass
+class _WorkerContext:
+    layout: RunLayout
+    config: Config
+    train: ImageSet
+    valid: ImageSet
+
+
+def _prepare_worker(layout: RunLayout, data_dir: Path, config: Config, expected_ids: str, device: str) -> _WorkerContext:
+    """In a worker: the same data as the parent (its cache is built, so this only opens it), on `device`.
+
+    The device is an execution detail: the run's saved config keeps what the user asked for.
+    """
+    seed_everything(config.seed)
+    train, valid = load_training_sets(data_dir, config)
+    if _image_ids_digest(train, valid) != expected_ids:
+        raise RunDirectoryError(f"{data_dir}: the images changed while train-all was starting; run it again")
+    return _WorkerContext(layout, config.replace(device=device), train, valid)
+
+
+def _train_in_worker(job: ModelJob, context: _WorkerContext) -> None:
+    train_model(job, context.layout, context.config, context.train, context.valid)
+
+
+def _image_ids_digest(*image_sets: ImageSet) -> str:
+    digest = hashlib.sha256()
+    for image_set in image_sets:
+        digest.update("\n".join(image_set.image_ids).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def _resolve_config(layout: RunLayout, config_path: Path | None, overrides: Sequence[str]) -> Config:
-    config = resolve_run_config(layout, config_path)
-    if overrides:
-        changed = apply_overrides(config, list(overrides))
-        if layout.config_path.is_file() and changed != load_config(layout.config_path):
-            raise ConfigError(f"--set {' '.join(overrides)}: changes the config this run was started with; use a new --out directory")
-        config = changed
-    return config
+    return resolve_run_config(layout, config_path, overrides)
 
 
 def _open_manifest(layout: RunLayout, data_dir: Path, categories: list[str]) -> Manifest:
@@ -135,12 +246,17 @@ def _finished(work_dir: Path, model_class: type, predictions_file: str) -> bool:
     return model_class.is_trained(work_dir) and (work_dir / predictions_file).is_file()
 
 
-def _train_category(layout: RunLayout, manifest: Manifest, config: Config, category: str, train: ImageSet, valid: ImageSet) -> None:
-    work_dir = layout.category_dir(category)
-    members = np.flatnonzero(np.array([str(c) for c in train.categories]) == category)
-    valid_members = np.flatnonzero(np.array([str(c) for c in valid.categories]) == category)
-    category_train = train.subset(members)
-    vocabulary = ConceptVocabulary.from_concept_lists(category_train.concept_lists, min_count=config.data.min_concept_count)
+def _members(image_set: ImageSet, category: str) -> np.ndarray:
+    return np.flatnonzero(np.array([str(c) for c in image_set.categories]) == category)
+
+
+def _decide_category(
+    layout: RunLayout, manifest: Manifest, config: Config, category: str, train: ImageSet, valid: ImageSet
+) -> ConceptVocabulary | None:
+    """The category model's vocabulary, or None when the category uses the global model; recorded in the manifest."""
+    members = _members(train, category)
+    valid_members = _members(valid, category)
+    vocabulary = ConceptVocabulary.from_concept_lists(train.subset(members).concept_lists, min_count=config.data.min_concept_count)
     too_few = len(members) < config.data.min_category_images or len(valid_members) == 0 or len(vocabulary) == 0
     if too_few:
         reason = (
@@ -149,22 +265,21 @@ def _train_category(layout: RunLayout, manifest: Manifest, config: Config, categ
             else "no validation images" if len(valid_members) == 0 else "no concept reaches min_concept_count"
         )
         log.warning("category %s has %s: it uses the global model", category, reason)
-        if is_main_process():
-            atomic_write_json(layout.fallback_path(category), {"category": category, "reason": reason})
+        record = {"category": category, "reason": reason}
+        path = layout.fallback_path(category)
+        if is_main_process() and not (path.is_file() and read_json(path) == record):
+            atomic_write_json(path, record)
         if category not in manifest.fallback_categories:
             manifest.fallback_categories.append(category)
         manifest.category_vocabularies.pop(category, None)
-        return
+        return None
     _check_vocabulary(layout, manifest, category, vocabulary)
     manifest.category_vocabularies[category] = vocabulary.fingerprint()
     if category in manifest.fallback_categories:
         manifest.fallback_categories.remove(category)
     if is_main_process():
         layout.fallback_path(category).unlink(missing_ok=True)
-    if _finished(work_dir, ConceptModel, PREDICTIONS_FILE):
-        return
-    train_concept_stage(work_dir, config, category_train, vocabulary, valid.subset(valid_members), valid)
-    manifest.forget_finished(["ensemble"], layout)
+    return vocabulary
 
 
 def _missing_base_models(layout: RunLayout, manifest: Manifest) -> list[str]:

@@ -624,11 +624,6 @@ def test_failed_train_all_leaves_the_existing_run_untouched(messy_run: dict, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="train_all._resolve_config compares --config with the saved config before applying --set, "
-    "so the very command that started a run is refused when rerun to resume it",
-)
 def test_rerunning_the_same_command_with_set_resumes(messy_run: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(messy_run["run"], run)
