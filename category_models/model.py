@@ -15,7 +15,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from core.config import TrainingConfig
 from scoring.f1 import mean_sample_f1_sparse
 from training.estimator import NetworkEstimator
 from training.feature_store import FeatureStore
@@ -42,17 +41,6 @@ class ConceptModel(NetworkEstimator):
 
     kind = "concepts"
     activation = "sigmoid"
-
-    def __init__(
-        self,
-        training: TrainingConfig,
-        image_size: int,
-        device: str = "auto",
-        seed: int = 0,
-        num_workers: int = 0,
-        feature_store: FeatureStore | None = None,
-    ) -> None:
-        super().__init__(training, image_size, device, seed, num_workers, feature_store)
 
     def fit(
         self,

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.config import TrainingConfig
 from training.estimator import NetworkEstimator
 from training.feature_store import FeatureStore
 from training.loop import EpochCallback, Objective
@@ -41,17 +40,6 @@ class ModalityRouter(NetworkEstimator):
 
     kind = "router"
     activation = "softmax"
-
-    def __init__(
-        self,
-        training: TrainingConfig,
-        image_size: int,
-        device: str = "auto",
-        seed: int = 0,
-        num_workers: int = 0,
-        feature_store: FeatureStore | None = None,
-    ) -> None:
-        super().__init__(training, image_size, device, seed, num_workers, feature_store)
 
     def fit(
         self,
