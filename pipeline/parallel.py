@@ -5,10 +5,12 @@ machine with several GPUs they can train at the same time instead of one after t
 worker process owns one device for its whole life and runs one job at a time; jobs go to whichever
 worker is free, in the order given (largest first gives a good makespan).
 
-Workers are started with the spawn method: CUDA cannot be used in a forked child. (This module
-imports torch and the training package lazily: a spawned worker imports only what its jobs need.) They must not
+Workers are started with the spawn method: CUDA cannot be used in a forked child. They must not
 write any shared file: the caller does all run-directory bookkeeping before and after
-`run_on_devices`, and each job writes only inside its own work directory.
+`run_on_devices`, and each job writes only inside its own work directory. Every worker, CPU or
+GPU, gets cores // workers torch threads (the CPU side of GPU training needs threads too).
+Torch and the training package are imported lazily, so a spawned worker imports only what its
+jobs need.
 
 A failed job does not stop the others (their finished models stay on disk, so a rerun resumes
 with only what is missing); once every job has ended, the failures are raised together, each
@@ -29,6 +31,7 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 from core.config import ConfigError
 
 log = logging.getLogger("conceptclef")
+
 
 class Job(Protocol):
     @property
@@ -202,7 +205,6 @@ def _bind_worker(free_devices, threads: int, log_level: int, prepare: Callable[[
     _prepare = prepare
     os.environ[PROGRESS_ENV] = "0"  # N interleaved progress bars are noise
     logging.basicConfig(level=log_level, format=f"%(asctime)s [worker {number} {_device}] %(message)s", datefmt="%H:%M:%S")
-
     torch.set_num_threads(threads)
     if _device.startswith("cuda"):
         torch.cuda.set_device(torch.device(_device))
