@@ -73,3 +73,17 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "DATA"
     make_demo_dataset(out, n_train=140, n_valid=70, n_test=50, seed=0, image_size=64)
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """Put back the torch thread count a module's fixtures changed (several pin 1 thread for speed).
+
+    A leaked count would make later in-process training differ, in the last float bits, from the
+    same training in a subprocess that starts with the default count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ evaluate, ablation; resuming, re-fitting the ensemble alone, and refusing foreig
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -193,7 +194,9 @@ def test_killed_run_resumes_to_the_same_result(run, demo, submission, tmp_path):
     """SIGKILL in the middle of the router's training, then the same command again."""
     killed = tmp_path / "run"
     command = [sys.executable, str(REPO / "cli.py"), "train-all", "--data", str(demo), "--out", str(killed), "--config", str(TEST_CONFIG)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The same torch thread count as this process: float reductions differ in the last bits across counts.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resume_file = killed / "router" / "resume.pt"
     try:
         import time
