@@ -1,6 +1,7 @@
 """`ablation`: what each part of the system is worth, overall and per category.
 
 Rows, all scored with the official sample-averaged F1 on the same images:
+the k most frequent training concepts for every image (the trivial floor, k tuned on validation),
 global model at 0.5 (the published baseline), global with tuned thresholds, per-category models
 routed by the router, per-category with the true categories (oracle routing), the average of
 global and routed category models, and the full stacked ensemble. Thresholds of the baseline
@@ -37,6 +38,7 @@ from pipeline.stacking import (
     load_validation_truth,
     to_stacking_inputs,
 )
+from scoring.baselines import best_most_frequent_k, most_frequent_predictions
 from scoring.f1 import per_image_f1_sparse
 
 log = logging.getLogger("conceptclef")
@@ -83,6 +85,20 @@ def cross_fitted_threshold_decisions(probs: np.ndarray, truth: sp.csr_matrix, ou
         tuner = make_tuner(config).fit(probs[rest], truth[rest], outside[rest])
         decisions[held] = tuner.predict(probs[held])
     return decisions.tocsr()
+
+
+def cross_fitted_most_frequent_decisions(frequency: np.ndarray, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
+    """The trivial floor on validation: every image gets the top-k concepts, k chosen on the other folds."""
+    fold_of = _fold_ids(truth.shape[0], config.ensemble.folds, config.seed)
+    decisions = sp.lil_matrix(truth.shape, dtype=bool)
+    for fold in np.unique(fold_of):
+        held, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+        _, k = best_most_frequent_k(frequency, truth[rest], outside[rest])
+        decisions[held] = most_frequent_predictions(frequency, len(held), k)
+    return decisions.tocsr()
+
+
+MOST_FREQUENT_ROW = "most frequent training concepts (trivial floor)"
 
 
 def make_tuner(config: Config) -> ConceptThresholdTuner:
@@ -147,7 +163,9 @@ def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocab
     outputs = labelled.outputs
     truth, outside = labelled.truth, labelled.truth_outside
     routed = routed_probs(outputs, vocabulary, router_choice(outputs))
+    frequency = ensemble.statistics.concept_frequency
     rows: dict[str, sp.csr_matrix] = {
+        MOST_FREQUENT_ROW: cross_fitted_most_frequent_decisions(frequency, truth, outside, config),
         "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
         "global + tuned thresholds": cross_fitted_threshold_decisions(np.asarray(outputs.global_probs), truth, outside, config),
         "per-category, routed + tuned thresholds": cross_fitted_threshold_decisions(routed, truth, outside, config),
@@ -203,7 +221,10 @@ def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: Labell
     outputs, valid_outputs = labelled.outputs, validation.outputs
     routed = routed_probs(outputs, vocabulary, router_choice(outputs))
     valid_routed = routed_probs(valid_outputs, vocabulary, router_choice(valid_outputs))
+    frequency = ensemble.statistics.concept_frequency
+    _, k = best_most_frequent_k(frequency, validation.truth, validation.truth_outside)
     rows: dict[str, sp.csr_matrix] = {
+        MOST_FREQUENT_ROW: most_frequent_predictions(frequency, labelled.truth.shape[0], k),
         "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
         "global + tuned thresholds": tuned(np.asarray(valid_outputs.global_probs), np.asarray(outputs.global_probs)),
         "per-category, routed + tuned thresholds": tuned(valid_routed, routed),

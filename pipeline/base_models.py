@@ -21,12 +21,14 @@ from pipeline.datasets import ImageSet
 from pipeline.ranks import is_main_process
 from pipeline.run_directory import RunLayout
 from router import ModalityRouter
+from scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from training.feature_store import feature_store_for
 
 log = logging.getLogger("conceptclef")
 
 PREDICTIONS_FILE = "valid_predictions.npz"
 TRAIN_EMBEDDINGS_FILE = "train_embeddings.npz"
+BASELINE_FILE = "baseline.json"
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,25 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
     probs = router.predict_proba(valid.images)
     ModelPredictions(valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
     _write_confusion(work_dir, router.categories_, router.confusion_)
-    log.info("router: validation accuracy %.3f over %d images", router.valid_accuracy_, len(valid.records))
+    chance = majority_class_accuracy(np.array([str(c) for c in train.categories]), np.array([str(c) for c in valid.categories]))
+    _write_baseline(work_dir, "accuracy", router.valid_accuracy_, "most frequent category", chance)
+    log.info(
+        "router: validation accuracy %.3f over %d images (always the most frequent category: %.3f)",
+        router.valid_accuracy_, len(valid.records), chance,
+    )
     return router
+
+
+def _write_baseline(work_dir: Path, metric: str, model_score: float, baseline: str, baseline_score: float, **extra: object) -> None:
+    """Record the model's validation score beside a trivial predictor's, and warn when it does not win."""
+    beats = model_score > baseline_score
+    if not beats:
+        log.warning("%s: validation %s %.4f does not beat the %s baseline (%.4f)", work_dir.name, metric, model_score, baseline, baseline_score)
+    if is_main_process():
+        atomic_write_json(
+            work_dir / BASELINE_FILE,
+            {"metric": metric, "model": model_score, "baseline": baseline, "baseline_score": baseline_score, "beats_baseline": beats, **extra},
+        )
 
 
 def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarray) -> None:
@@ -117,5 +136,10 @@ def train_concept_stage(
         ModelPredictions(train_all_images.image_ids, np.zeros((len(train_all_images.records), 0), np.float32), train_embeddings.astype(np.float32)).save(
             work_dir / TRAIN_EMBEDDINGS_FILE
         )
-    log.info("%s: validation sample F1 at 0.5 = %.4f (%d concepts)", work_dir.name, model.best_valid_f1_, len(vocabulary))
+    baseline, k = most_frequent_concepts_f1(training.labels(vocabulary), valid_for_stopping.labels(vocabulary))
+    _write_baseline(work_dir, "sample_f1", model.best_valid_f1_, "most frequent concepts", baseline, k=k)
+    log.info(
+        "%s: validation sample F1 at 0.5 = %.4f (%d concepts; the %d most frequent concepts for every image: %.4f)",
+        work_dir.name, model.best_valid_f1_, len(vocabulary), k, baseline,
+    )
     return model
