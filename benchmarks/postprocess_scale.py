@@ -45,7 +45,7 @@ from ensemble.decoding import ExpectedF1Decoder  # noqa: E402
 from ensemble.features import build_pair_table  # noqa: E402
 from ensemble.mixing import mixture_at  # noqa: E402
 from ensemble.sparse_ops import as_score_csr  # noqa: E402
-from ensemble.stacker import ConceptStacker, image_folds, pair_labels, table_to_csr  # noqa: E402
+from ensemble.stacker import ConceptStacker, cross_fit_table, image_folds, pair_labels, table_to_csr  # noqa: E402
 from ensemble.synthetic import make_synthetic_set  # noqa: E402
 from ensemble.thresholds import ConceptThresholdTuner, tune_global_threshold  # noqa: E402
 from scoring.f1 import mean_sample_f1_sparse, sample_f1  # noqa: E402
@@ -181,19 +181,13 @@ def main() -> None:
     in_stacker_set[stacker_rows] = True
     fit_pairs = in_stacker_set[table.candidates.rows]
     fit_table, fit_labels = table.take(fit_pairs), labels[fit_pairs]
-    folds = image_folds(stacker_rows.size, config.folds, args.seed)[fit_table.candidates.rows]
+    folds = image_folds(stacker_rows.size, config.folds, args.seed)
     print(f"    stacker cross-fit set: {stacker_rows.size:,} images, {fit_table.candidates.n_pairs:,} pairs "
-          f"({int(fit_labels.sum()):,} positive), {config.folds} folds + final, {config.n_estimators} trees")
+          f"({int(fit_labels.sum()):,} positive), {config.folds} folds + final, at most {config.n_estimators} trees")
 
     def cross_fit() -> tuple[ConceptStacker, np.ndarray]:
-        oof = np.zeros(fit_labels.size, dtype=np.float32)
-        for fold in range(config.folds):
-            held = folds == fold
-            stacker = ConceptStacker.from_config(config, args.seed, args.threads).fit_table(
-                fit_table.take(~held), fit_labels[~held], inputs.categories)
-            oof[held] = stacker.predict_table(fit_table.take(held))
-        final = ConceptStacker.from_config(config, args.seed, args.threads).fit_table(
-            fit_table, fit_labels, inputs.categories)
+        oof, final, rounds = cross_fit_table(fit_table, fit_labels, folds, inputs.categories, config, args.seed, args.threads)
+        print(f"    boosting rounds chosen on the held-out folds: {rounds}")
         return final, oof
 
     stacker, oof = timer.run(f"stacker cross-fit ({config.folds} folds + final)", cross_fit)

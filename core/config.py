@@ -85,7 +85,8 @@ class EnsembleConfig:
     folds: int = 5  # K-fold cross-fitting on validation images
     knn_neighbours: int = 10
     num_leaves: int = 31
-    n_estimators: int = 300
+    n_estimators: int = 300  # boosting rounds (at most, with choose_rounds)
+    choose_rounds: bool = True  # cross-fitting keeps the round count with the lowest held-out log-loss
     learning_rate: float = 0.05
     min_child_samples: int = 20
     threshold_prior_strength: float = 10.0  # rare concepts shrink toward the global threshold

@@ -8,6 +8,7 @@ LightGBM text plus a JSON of settings: readable, diffable, and never unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,7 +107,15 @@ class ConceptStacker:
 
     # -- on a prebuilt pair table (cross-fitting builds the table once and splits it) --
 
-    def fit_table(self, table: PairTable, labels: np.ndarray, categories: list[str]) -> "ConceptStacker":
+    def fit_table(
+        self,
+        table: PairTable,
+        labels: np.ndarray,
+        categories: list[str],
+        eval_table: PairTable | None = None,
+        eval_labels: np.ndarray | None = None,
+    ) -> "ConceptStacker":
+        """Fit on a pair table; with `eval_table`, also record its log-loss after every round (`eval_loss_`)."""
         dataset = lgb.Dataset(
             table.features,
             label=labels,
@@ -114,20 +123,30 @@ class ConceptStacker:
             categorical_feature=[table.feature_names.index("concept_id")],
             free_raw_data=True,
         )
-        self.booster_ = lgb.train(self._lightgbm_params(), dataset, num_boost_round=self.n_estimators)
+        params = self._lightgbm_params()
+        evaluation: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        if eval_table is not None:
+            held_out = dataset.create_valid(eval_table.features, label=eval_labels)
+            params = {**params, "metric": "binary_logloss"}
+            extra = {"valid_sets": [held_out], "valid_names": ["held_out"], "callbacks": [lgb.record_evaluation(evaluation)]}
+        self.booster_ = lgb.train(params, dataset, num_boost_round=self.n_estimators, **extra)
+        if eval_table is not None:
+            self.eval_loss_ = np.asarray(evaluation["held_out"]["binary_logloss"], dtype=np.float64)
         self.feature_names_ = list(table.feature_names)
         self.categories_ = list(categories)
         self.n_train_pairs_ = int(labels.size)
         self.n_train_positive_pairs_ = int(labels.sum())
         return self
 
-    def predict_table(self, table: PairTable) -> np.ndarray:
+    def predict_table(self, table: PairTable, rounds: int | None = None) -> np.ndarray:
+        """Probability of every pair, from the first `rounds` trees (all of them by default)."""
         if table.feature_names != self.feature_names_:
             raise ValueError("the inputs' feature columns differ from the ones the stacker was fitted on")
         if table.features.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
         threads = self.num_threads or default_threads()
-        return self.booster_.predict(table.features, num_threads=threads).astype(np.float32)
+        return self.booster_.predict(table.features, num_iteration=rounds, num_threads=threads).astype(np.float32)
 
     # -- on StackingInputs --
 
@@ -204,6 +223,7 @@ class CrossFit(NamedTuple):
 
     oof_probs: sp.csr_matrix
     stacker: ConceptStacker
+    rounds: int  # boosting rounds of every model (chosen on the held-out folds with choose_rounds)
 
 
 def cross_fit_out_of_fold(
@@ -218,12 +238,43 @@ def cross_fit_out_of_fold(
     table = build_pair_table(inputs, config.candidates_per_model)
     labels = pair_labels(table, truth)
     folds = image_folds(inputs.n_images, config.folds, seed)
-    pair_fold = folds[table.candidates.rows]
-    oof = np.zeros(labels.size, dtype=np.float32)
+    oof, final, rounds = cross_fit_table(table, labels, folds, inputs.categories, config, seed, num_threads)
+    return CrossFit(table_to_csr(table, oof), final, rounds)
+
+
+def cross_fit_table(
+    table: PairTable,
+    labels: np.ndarray,
+    image_fold: np.ndarray,
+    categories: list[str],
+    config: EnsembleConfig,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, ConceptStacker, int]:
+    """(out-of-fold probability per pair, stacker fitted on every pair, boosting rounds) on a built table.
+
+    `image_fold[i]` is image i's fold. With `config.choose_rounds`, the folds also pick how many
+    boosting rounds to keep: the count with the lowest held-out log-loss summed over folds (at
+    most `n_estimators`). The stacker learns from the validation split only, so the right amount
+    of boosting depends on its size: a few hundred images want far fewer trees than 16,000.
+    """
+    pair_fold = np.asarray(image_fold)[table.candidates.rows]
+    fold_models, held_out_masks = [], []
+    summed_loss = np.zeros(config.n_estimators, dtype=np.float64)
     for fold in range(config.folds):
         held_out = pair_fold == fold
         stacker = ConceptStacker.from_config(config, seed, num_threads)
-        stacker.fit_table(table.take(~held_out), labels[~held_out], inputs.categories)
-        oof[held_out] = stacker.predict_table(table.take(held_out))
-    final = ConceptStacker.from_config(config, seed, num_threads).fit_table(table, labels, inputs.categories)
-    return CrossFit(table_to_csr(table, oof), final)
+        if config.choose_rounds:
+            held_table, held_labels = table.take(held_out), labels[held_out]
+            stacker.fit_table(table.take(~held_out), labels[~held_out], categories, held_table, held_labels)
+            summed_loss[: stacker.eval_loss_.size] += stacker.eval_loss_ * held_labels.size
+        else:
+            stacker.fit_table(table.take(~held_out), labels[~held_out], categories)
+        fold_models.append(stacker)
+        held_out_masks.append(held_out)
+    rounds = int(np.argmin(summed_loss)) + 1 if config.choose_rounds else config.n_estimators
+    oof = np.zeros(labels.size, dtype=np.float32)
+    for stacker, held_out in zip(fold_models, held_out_masks):
+        oof[held_out] = stacker.predict_table(table.take(held_out), rounds)
+    final = ConceptStacker.from_config(dataclasses.replace(config, n_estimators=rounds), seed, num_threads)
+    return oof, final.fit_table(table, labels, categories), rounds

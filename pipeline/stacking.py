@@ -179,6 +179,7 @@ def fit_ensemble_stage(
 
     log.info("ensemble: cross-fitting the stacker over %d folds", config.ensemble.folds)
     cross_fit = cross_fit_out_of_fold(inputs, truth, config.ensemble, seed=config.seed)
+    log.info("ensemble: %d boosting rounds (of at most %d)", cross_fit.rounds, config.ensemble.n_estimators)
     rule, decider, scores = choose_decision_rule(cross_fit.oof_probs, truth, truth_outside, config.ensemble, seed=config.seed)
     log.info("ensemble: decision rule %s (cross-validated F1 %s)", rule, {name: round(value, 4) for name, value in scores.items()})
     cross_fit.stacker.save(ensemble_dir)
@@ -194,7 +195,13 @@ def fit_ensemble_stage(
     )
     atomic_write_json(
         ensemble_dir / ENSEMBLE_FILE,
-        {"rule": rule, "cross_validated_f1": scores, "vocabulary": vocabulary.fingerprint(), "categories": manifest.categories},
+        {
+            "rule": rule,
+            "cross_validated_f1": scores,
+            "boosting_rounds": cross_fit.rounds,
+            "vocabulary": vocabulary.fingerprint(),
+            "categories": manifest.categories,
+        },
     )
 
 

@@ -61,8 +61,10 @@ def test_out_of_fold_predictions_do_not_see_their_own_labels(informative):
     inputs = informative.inputs.subset(np.arange(600))
     rng = np.random.default_rng(0)
     random_truth = sp.csr_matrix(rng.random((600, inputs.n_concepts)) < 0.08)
-    config = EnsembleConfig(candidates_per_model=10, n_estimators=60, learning_rate=0.1, num_leaves=31, folds=3)
-    oof, final = cross_fit_out_of_fold(inputs, random_truth, config, seed=1, num_threads=1)
+    # A fixed number of rounds, so the final model can overfit: the point is that OOF does not.
+    config = EnsembleConfig(candidates_per_model=10, n_estimators=60, learning_rate=0.1, num_leaves=31, folds=3, choose_rounds=False)
+    oof, final, rounds = cross_fit_out_of_fold(inputs, random_truth, config, seed=1, num_threads=1)
+    assert rounds == 60
     table = build_pair_table(inputs, config.candidates_per_model)
     labels = pair_labels(table, random_truth)
     rows, cols = table.candidates.rows, table.candidates.cols
@@ -77,7 +79,7 @@ def test_out_of_fold_uses_every_fold_and_keeps_informative_signal(informative):
     inputs = informative.inputs.subset(np.arange(600))
     truth = informative.truth[:600]
     config = EnsembleConfig(candidates_per_model=10, n_estimators=40, learning_rate=0.1, folds=3)
-    oof, final = cross_fit_out_of_fold(inputs, truth, config, seed=0, num_threads=1)
+    oof, final, _ = cross_fit_out_of_fold(inputs, truth, config, seed=0, num_threads=1)
     table = build_pair_table(inputs, 10)
     auc = roc_auc_score(pair_labels(table, truth), np.asarray(oof[table.candidates.rows, table.candidates.cols]).ravel())
     assert auc > 0.8
@@ -108,3 +110,15 @@ def test_predict_refuses_inputs_with_other_categories(informative):
     other.categories = list(reversed(other.categories))
     with pytest.raises(ValueError, match="categories"):
         stacker.predict_proba(other)
+
+
+def test_rounds_are_chosen_on_held_out_folds(informative):
+    """Noise labels stop boosting almost at once; informative ones keep many rounds, and the
+    final model has exactly the chosen number of trees."""
+    inputs = informative.inputs.subset(np.arange(600))
+    config = EnsembleConfig(candidates_per_model=10, n_estimators=150, learning_rate=0.1, num_leaves=31, folds=3)
+    random_truth = sp.csr_matrix(np.random.default_rng(0).random((600, inputs.n_concepts)) < 0.08)
+    _, noise_model, noise_rounds = cross_fit_out_of_fold(inputs, random_truth, config, seed=1, num_threads=1)
+    _, model, rounds = cross_fit_out_of_fold(inputs, informative.truth[:600], config, seed=1, num_threads=1)
+    assert noise_rounds < 20 < rounds <= 150, (noise_rounds, rounds)
+    assert model.booster_.num_trees() == rounds and noise_model.booster_.num_trees() == noise_rounds
