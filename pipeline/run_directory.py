@@ -103,7 +103,9 @@ def resolve_run_config(layout: RunLayout, config_path: Path | None, overrides: S
 
     Rerunning the command that started a run resumes it. Resuming with a different config would
     mix models trained under two settings, so a resolved config that differs from the saved one
-    is refused; without --config or --set, a resume simply takes the saved config.
+    is refused, except in [ensemble] alone: the stacker and thresholds are re-fitted from the saved
+    predictions then (train-all sees the change through `saved_ensemble_config`). Without
+    --config or --set, a resume simply takes the saved config.
     """
     saved = load_config(layout.config_path) if layout.config_path.is_file() else None
     if saved is not None and config_path is None and not overrides:
@@ -111,13 +113,18 @@ def resolve_run_config(layout: RunLayout, config_path: Path | None, overrides: S
     requested = load_config(config_path) if config_path is not None else (saved or Config())
     if overrides:
         requested = apply_overrides(requested, list(overrides))
-    if saved is not None and requested != saved:
+    if saved is not None and requested != saved and dataclasses.replace(requested, ensemble=saved.ensemble) != saved:
         given = " ".join([f"--config {config_path}"] * (config_path is not None) + [f"--set {item}" for item in overrides])
         raise ConfigError(
             f"{layout.config_path}: {given} differs from the config this run was started with; "
             "use a new --out directory, or rerun without --config/--set to resume"
         )
     return requested
+
+
+def saved_ensemble_config(layout: RunLayout) -> Any:
+    """The [ensemble] section the run was last fitted with (None for a new run)."""
+    return load_config(layout.config_path).ensemble if layout.config_path.is_file() else None
 
 
 def write_run_config(layout: RunLayout, config: Config) -> None:

@@ -27,7 +27,7 @@ from pipeline.datasets import ImageSet, load_training_sets
 from pipeline.errors import RunDirectoryError
 from pipeline.parallel import check_devices, run_on_devices
 from pipeline.ranks import barrier, is_main_process
-from pipeline.run_directory import Manifest, RunLayout, resolve_run_config, write_run_config
+from pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
 from pipeline.stacking import fit_ensemble_stage
 from router import ModalityRouter
 
@@ -55,11 +55,15 @@ def train_all(
     if devices:
         check_devices(devices)
     layout = RunLayout(Path(run_dir))
-    config = _resolve_config(layout, config_path, overrides)
+    fitted_ensemble = saved_ensemble_config(layout)
+    config = resolve_run_config(layout, config_path, overrides)
     seed_everything(config.seed)
     train, valid = load_training_sets(Path(data_dir), config)
     categories = sorted({str(category) for category in train.categories})
     manifest = _open_manifest(layout, Path(data_dir), categories)
+    if fitted_ensemble is not None and fitted_ensemble != config.ensemble and "ensemble" in manifest.finished_stages:
+        log.info("run %s: [ensemble] changed; the networks are kept and the stacker and thresholds re-fitted", layout.root)
+        manifest.forget_finished(["ensemble"], layout)
     write_run_config(layout, config)
     barrier()
     stages = _plan_stages(categories, only)
@@ -201,10 +205,6 @@ def _image_ids_digest(*image_sets: ImageSet) -> str:
         digest.update("\n".join(image_set.image_ids).encode())
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _resolve_config(layout: RunLayout, config_path: Path | None, overrides: Sequence[str]) -> Config:
-    return resolve_run_config(layout, config_path, overrides)
 
 
 def _open_manifest(layout: RunLayout, data_dir: Path, categories: list[str]) -> Manifest:

@@ -72,6 +72,9 @@ def test_train_all_leaves_every_stage_on_disk(run):
         assert isinstance(payload, dict)
         assert (work_dir / "metrics.csv").read_text().count("\n") >= 2
         assert (work_dir / "valid_predictions.npz").is_file()
+        baseline = json.loads((work_dir / "baseline.json").read_text())
+        assert 0.0 <= baseline["baseline_score"] <= 1.0 and baseline["beats_baseline"] == (baseline["model"] > baseline["baseline_score"])
+    assert json.loads((run / "router" / "baseline.json").read_text())["beats_baseline"]
     for category in manifest["fallback_categories"]:
         assert "min_category_images" in (run / f"category-{category}" / "fallback.json").read_text()
     for name in ("stacker.txt", "decision.json", "ensemble.json", "oof_predictions.npz", "knn_index.npz"):
@@ -104,7 +107,7 @@ def test_ablation_on_test_images_writes_tables_and_plots(run, demo, tmp_path):
     )
     table = pd.read_csv(tmp_path / "ablation.csv")
     systems = list(table["system"])
-    assert systems[0] == "global @ 0.5 (published baseline)"
+    assert systems[:2] == ["most frequent training concepts (trivial floor)", "global @ 0.5 (published baseline)"]
     assert any(name.startswith("stacked ensemble") for name in systems)
     assert "per-category, oracle routing + tuned thresholds" in systems
     assert table["overall"].between(0, 1).all()
@@ -213,3 +216,25 @@ def test_killed_run_resumes_to_the_same_result(run, demo, submission, tmp_path):
     out = tmp_path / "submission.tsv"
     invoke("predict", "--run", killed, "--images", demo / "test", "--out", out)
     assert out.read_text() == submission.read_text()
+
+
+def test_changed_ensemble_settings_refit_the_ensemble_alone(run, demo, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    checkpoints = {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")}
+    stacker_before = (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns
+    train(demo, copy, "--set", "ensemble.folds=3")
+    assert {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")} == checkpoints
+    assert (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns != stacker_before
+    assert "folds = 3" in (copy / "config.toml").read_text()
+    assert "ensemble" in json.loads((copy / "manifest.json").read_text())["finished_stages"]
+
+
+def test_changed_network_settings_are_refused_on_resume(run, demo, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config_before = (copy / "config.toml").read_text()
+    result = runner.invoke(app, ["train-all", "--data", str(demo), "--out", str(copy), "--config", str(TEST_CONFIG), "--set", "router.epochs=1"])
+    assert result.exit_code == 2
+    assert "differs from the config this run was started with" in result.output
+    assert (copy / "config.toml").read_text() == config_before
