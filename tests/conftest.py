@@ -87,3 +87,15 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: two threads on two shared cores can run 50x slower when
+    another process is busy. Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

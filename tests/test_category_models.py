@@ -23,12 +23,7 @@ SIZE = CONFIG.data.image_size
 CUIS = [f"C{index:07d}" for index in range(9)]  # 4 classes x 2 concepts + 1 shared
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data():

@@ -20,12 +20,7 @@ SIZE = CONFIG.data.image_size
 NAMES = np.array(["XR", "CT", "MR", "US"])
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -176,12 +176,7 @@ def worker_main(out: Path) -> None:
 
 
 # -- the tests -----------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_loopback_port() -> int:

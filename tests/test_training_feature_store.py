@@ -39,12 +39,7 @@ EXTRACTION = ExtractionSettings(batch_size=16, device=CPU)
 CUIS = [f"C{index}" for index in range(7)]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

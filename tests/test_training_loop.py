@@ -29,13 +29,7 @@ class Interrupted(Exception):
     """Stands for a killed process: raised after an epoch's checkpoint is on disk."""
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Two threads on two shared cores can run 50x slower when another process is busy.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _router_data(seed: int = 0):
