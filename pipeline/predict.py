@@ -99,17 +99,24 @@ def predict_submission(run_dir: Path, images_dir: Path, out_path: Path, submissi
     models = RunModels.load(layout, manifest, config)
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
     image_set, bad = load_unlabelled_set(Path(images_dir), config, layout.cache_dir)
-    outputs = models.predict(image_set)
-    inputs = to_stacking_inputs(outputs, models.vocabulary, ensemble.statistics, ensemble.knn)
+    summary = write_predictions(models.predict(image_set), models.vocabulary, ensemble, Path(out_path), submission_format)
+    return {**summary, "unreadable_images": len(bad), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def write_predictions(
+    outputs: BaseOutputs, vocabulary: ConceptVocabulary, ensemble: FittedEnsemble, out_path: Path, submission_format: str = "2020"
+) -> dict:
+    """Everything after the networks: kNN, stacking, decisions, the submission and its probabilities file."""
+    inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
     probs = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
     decisions = ensemble.decider.predict(probs)
-    predictions = decisions_to_concepts(decisions, outputs.image_ids, models.vocabulary, probs)
-    write_submission(Path(out_path), predictions, format=submission_format)
-    probabilities_path = Path(out_path).with_name(Path(out_path).name + ".probabilities.npz")
+    predictions = decisions_to_concepts(decisions, outputs.image_ids, vocabulary, probs)
+    write_submission(out_path, predictions, format=submission_format)
+    probabilities_path = out_path.with_name(out_path.name + ".probabilities.npz")
     atomic_save_arrays(
         probabilities_path,
         image_ids=np.array(outputs.image_ids),
-        cuis=np.array(models.vocabulary.cuis),
+        cuis=np.array(vocabulary.cuis),
         data=probs.data,
         indices=probs.indices,
         indptr=probs.indptr,
@@ -122,8 +129,6 @@ def predict_submission(run_dir: Path, images_dir: Path, out_path: Path, submissi
         "submission": str(out_path),
         "probabilities": str(probabilities_path),
         "images": len(outputs.image_ids),
-        "unreadable_images": len(bad),
         "decision_rule": ensemble.rule,
         "mean_concepts_per_image": float(counts.mean()) if len(counts) else 0.0,
-        "seconds": round(time.perf_counter() - started, 2),
     }
