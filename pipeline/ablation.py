@@ -76,26 +76,34 @@ def _fold_ids(n_images: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_images) % max(2, min(folds, n_images))
 
 
-def cross_fitted_threshold_decisions(probs: np.ndarray, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
-    """Decisions for every image from thresholds tuned on the other folds only."""
-    fold_of = _fold_ids(probs.shape[0], config.ensemble.folds, config.seed)
-    decisions = sp.lil_matrix(probs.shape, dtype=bool)
+FoldDecider = Callable[[np.ndarray, np.ndarray], sp.spmatrix]  # (rows to fit on, rows to decide) -> decisions
+
+
+def cross_fitted(shape: tuple[int, int], config: Config, decide: FoldDecider) -> sp.csr_matrix:
+    """Decisions for every image from a rule fitted on the other folds only."""
+    fold_of = _fold_ids(shape[0], config.ensemble.folds, config.seed)
+    decisions = sp.lil_matrix(shape, dtype=bool)
     for fold in np.unique(fold_of):
         held, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
-        tuner = make_tuner(config).fit(probs[rest], truth[rest], outside[rest])
-        decisions[held] = tuner.predict(probs[held])
+        decisions[held] = decide(rest, held)
     return decisions.tocsr()
+
+
+def cross_fitted_threshold_decisions(probs: np.ndarray, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
+    """Decisions for every image from thresholds tuned on the other folds only."""
+    return cross_fitted(
+        probs.shape, config, lambda rest, held: make_tuner(config).fit(probs[rest], truth[rest], outside[rest]).predict(probs[held])
+    )
 
 
 def cross_fitted_most_frequent_decisions(frequency: np.ndarray, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
     """The trivial floor on validation: every image gets the top-k concepts, k chosen on the other folds."""
-    fold_of = _fold_ids(truth.shape[0], config.ensemble.folds, config.seed)
-    decisions = sp.lil_matrix(truth.shape, dtype=bool)
-    for fold in np.unique(fold_of):
-        held, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+
+    def decide(rest: np.ndarray, held: np.ndarray) -> sp.spmatrix:
         _, k = best_most_frequent_k(frequency, truth[rest], outside[rest])
-        decisions[held] = most_frequent_predictions(frequency, len(held), k)
-    return decisions.tocsr()
+        return most_frequent_predictions(frequency, len(held), k)
+
+    return cross_fitted(truth.shape, config, decide)
 
 
 MOST_FREQUENT_ROW = "most frequent training concepts (trivial floor)"

@@ -119,14 +119,8 @@ def train_concept_stage(
     model = ConceptModel(
         settings, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
     )
-    model.fit(
-        training.images,
-        training.labels(vocabulary),
-        list(vocabulary.cuis),
-        valid_for_stopping.images,
-        valid_for_stopping.labels(vocabulary),
-        work_dir,
-    )
+    train_labels, stopping_labels = training.labels(vocabulary), valid_for_stopping.labels(vocabulary)
+    model.fit(training.images, train_labels, list(vocabulary.cuis), valid_for_stopping.images, stopping_labels, work_dir)
     probs, embeddings = model.predict_proba_and_embed(valid_all.images)
     ModelPredictions(valid_all.image_ids, probs.astype(np.float32), embeddings.astype(np.float32) if is_global else None).save(
         work_dir / PREDICTIONS_FILE
@@ -136,7 +130,7 @@ def train_concept_stage(
         ModelPredictions(train_all_images.image_ids, np.zeros((len(train_all_images.records), 0), np.float32), train_embeddings.astype(np.float32)).save(
             work_dir / TRAIN_EMBEDDINGS_FILE
         )
-    baseline, k = most_frequent_concepts_f1(training.labels(vocabulary), valid_for_stopping.labels(vocabulary))
+    baseline, k = most_frequent_concepts_f1(train_labels, stopping_labels)
     _write_baseline(work_dir, "sample_f1", model.best_valid_f1_, "most frequent concepts", baseline, k=k)
     log.info(
         "%s: validation sample F1 at 0.5 = %.4f (%d concepts; the %d most frequent concepts for every image: %.4f)",
