@@ -39,6 +39,7 @@ benchmarks: install
 	$(PY) benchmarks/cache_throughput.py
 	$(PY) benchmarks/postprocess_scale.py
 	$(PY) benchmarks/inference_overhead.py
+	$(PY) benchmarks/demo_ceiling.py $(DEMO)/data
 
 clean-demo:
 	rm -rf $(DEMO)

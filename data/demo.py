@@ -106,7 +106,7 @@ MODALITIES: dict[str, DemoModality] = {
 CATEGORIES = tuple(MODALITIES)
 _FINDINGS_BY_REGION = {"effusion": {"chest"}, "fracture": {"limb", "chest", "head"}}
 _RARE_PROBABILITY = 0.45
-_MARKER = "demo.json"
+DEMO_MARKER = "demo.json"
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,37 @@ def sample_image(image_id: str, rng: np.random.Generator, rare: dict[str, list[s
     return DemoImage(image_id, category, region, findings, tuple(dict.fromkeys(cuis)))
 
 
+def sample_demo_images(n_train: int, n_valid: int, n_test: int, rng: np.random.Generator) -> dict[str, list[DemoImage]]:
+    """Every image's story, by split: the first draws of `make_demo_dataset` (rendering comes after)."""
+    total = n_train + n_valid + n_test
+    numbers = rng.choice(np.arange(10_000, 10_000 + max(90_000, 2 * total)), size=total, replace=False)
+    rare = rare_pool(total)
+    images = [sample_image(f"synpic{number}", rng, rare) for number in numbers]
+    end_valid = n_train + n_valid
+    return {"train": images[:n_train], "valid": images[n_train:end_valid], "test": images[end_valid:]}
+
+
+def visible_concept_probabilities(image: DemoImage, rare: dict[str, list[str]]) -> dict[str, float]:
+    """P(CUI listed | what the pixels show: modality, region, findings), from the generative story.
+
+    A model that saw those three perfectly could do no better than these probabilities: organs
+    are not drawn, caption concepts and rare CUIs are invisible, and listing is random. Decoding
+    them with expected-F1 gives the demo's ceiling (benchmarks/demo_ceiling.py).
+    """
+    modality = MODALITIES[image.category]
+    probabilities = {modality.cui: 0.95, REGION_CUIS[image.region]: 0.85}
+    organs = REGION_ORGANS[image.region]
+    if image.region == "chest" and image.category in ("DRUS", "DRAN"):
+        organs = ("heart",)
+    for organ in organs:
+        probabilities[ORGAN_CUIS[organ]] = 0.6 / len(organs)
+    probabilities.update({FINDING_CUIS[finding]: 1.0 for finding in image.findings})
+    probabilities.update({CAPTION_CUIS[key]: probability for key, probability in modality.captions.items()})
+    pool = rare[image.category]
+    probabilities.update({cui: _RARE_PROBABILITY / len(pool) for cui in pool})
+    return probabilities
+
+
 def make_demo_dataset(
     out: Path | str, n_train: int = 700, n_valid: int = 350, n_test: int = 250, seed: int = 0, image_size: int = 128
 ) -> dict:
@@ -173,12 +204,7 @@ def make_demo_dataset(
         raise DataError(out, "need at least one image per split and image_size >= 16")
     _prepare_output(out)
     rng = np.random.default_rng(seed)
-    total = n_train + n_valid + n_test
-    numbers = rng.choice(np.arange(10_000, 10_000 + max(90_000, 2 * total)), size=total, replace=False)
-    rare = rare_pool(total)
-    images = [sample_image(f"synpic{number}", rng, rare) for number in numbers]
-    end_valid = n_train + n_valid
-    splits = {"train": images[:n_train], "valid": images[n_train:end_valid], "test": images[end_valid:]}
+    splits = sample_demo_images(n_train, n_valid, n_test, rng)
     for name, members in splits.items():
         for image in members:
             folder = out / name if name == "test" else out / name / image.category
@@ -189,7 +215,7 @@ def make_demo_dataset(
     categories = "".join(f"{image.image_id},{image.category}\n" for image in splits["test"])
     atomic_write_text(out / "test_categories.csv", "ID,CATEGORY\n" + categories)
     summary = _summary(out, splits, seed, image_size)
-    atomic_write_json(out / _MARKER, summary)
+    atomic_write_json(out / DEMO_MARKER, summary)
     return summary
 
 
@@ -198,7 +224,7 @@ def _prepare_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        marker = out / _MARKER
+        marker = out / DEMO_MARKER
         if not marker.is_file() or not isinstance(read_json(marker), dict):
             raise DataError(out, "folder is not empty and was not written by make-demo; choose another folder")
         for name in ("train", "valid", "test"):
