@@ -52,7 +52,9 @@ def replicate_images(source: Path, count: int, target: Path) -> Path:
 
 def bare_forward_seconds(models: RunModels, images: np.ndarray, batch_size: int) -> tuple[float, dict[str, float]]:
     """Every network of the run applied to every image: uint8 batch -> network(batch), nothing else."""
-    networks = {"router": models.router.network_, "global": models.global_model.network_}
+    networks = {"global": models.global_model.network_}
+    if hasattr(models.router, "network_"):  # a single-category run has no router network
+        networks = {"router": models.router.network_, **networks}
     networks.update({f"category-{name}": model.network_ for name, model in models.category_models.items()})
     per_network: dict[str, float] = {}
     with torch.inference_mode():

@@ -20,7 +20,7 @@ from data.vocabulary import ConceptVocabulary
 from pipeline.datasets import ImageSet
 from pipeline.ranks import is_main_process
 from pipeline.run_directory import RunLayout
-from router import ModalityRouter
+from router import ModalityRouter, SingleCategoryRouter, router_class_for
 from scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from training.feature_store import feature_store_for
 
@@ -57,15 +57,23 @@ class ModelPredictions:
         )
 
 
-def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter:
+def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
+    """Train the router (nothing to train for a single category) and save its validation probabilities."""
     work_dir = layout.router_dir
-    router = ModalityRouter(
-        config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
-    )
-    router.fit(train.images, [str(c) for c in train.categories], valid.images, [str(c) for c in valid.categories], work_dir)
+    train_categories, valid_categories = [str(c) for c in train.categories], [str(c) for c in valid.categories]
+    if router_class_for(sorted(set(train_categories))) is SingleCategoryRouter:
+        router = SingleCategoryRouter().fit(train_categories, valid_categories, work_dir)
+        log.info("router: one category (%s); every image goes to it, nothing to train", router.categories_[0])
+    else:
+        router = ModalityRouter(
+            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+        )
+        router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
     probs = router.predict_proba(valid.images)
     ModelPredictions(valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
     _write_confusion(work_dir, router.categories_, router.confusion_)
+    if isinstance(router, SingleCategoryRouter):
+        return router
     chance = majority_class_accuracy(np.array([str(c) for c in train.categories]), np.array([str(c) for c in valid.categories]))
     _write_baseline(work_dir, "accuracy", router.valid_accuracy_, "most frequent category", chance)
     log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import scipy.sparse as sp
 
 from core.config import Config
 from data.cache import ImageCache
-from data.errors import ImageReadError
+from data.errors import DataError, ImageReadError
 from data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
 from data.vocabulary import ConceptVocabulary
 from pipeline.ranks import main_process_first
@@ -121,14 +122,23 @@ def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> 
     return ImageSet(records=records, images=images, concept_lists=concepts)
 
 
+UNCATEGORISED = "ALL"  # the one category of a dataset whose train/ folder has no category sub-folders
+
+
 def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageSet]:
-    """The train and valid image sets; without a valid split, a stratified slice of train."""
+    """The train and valid image sets; without a valid split, a stratified slice of train.
+
+    Images straight in train/ and valid/ (no category sub-folders, as ImageCLEF 2021-2025 ship
+    them) all belong to one category, UNCATEGORISED; a split mixing both layouts is refused.
+    """
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(data_dir) / ".cache"
     train_split = load_split(Path(data_dir), "train")
     train = load_labelled_set(train_split, config, cache_dir)
     valid_folder = Path(data_dir) / "valid"
     if valid_folder.is_dir():
-        return train, load_labelled_set(load_split(Path(data_dir), "valid"), config, cache_dir)
+        valid = load_labelled_set(load_split(Path(data_dir), "valid"), config, cache_dir)
+        return _name_uncategorised(train, valid)
+    (train,) = _name_uncategorised(train)
     log.info("%s has no valid/ split: holding out %.0f%% of train", data_dir, 100 * config.data.validation_fraction)
     rng = np.random.default_rng(config.seed)
     held_out: list[int] = []
@@ -140,6 +150,24 @@ def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageS
     held = np.array(sorted(held_out), dtype=np.int64)
     kept = np.setdiff1d(np.arange(len(train.records)), held)
     return train.subset(kept), train.subset(held)
+
+
+def _name_uncategorised(*image_sets: ImageSet) -> tuple[ImageSet, ...]:
+    """Give images outside category folders the category UNCATEGORISED, when no image has one."""
+    records = [record for image_set in image_sets for record in image_set.records]
+    flat = [record for record in records if record.category is None]
+    if not flat:
+        return image_sets
+    if len(flat) < len(records):
+        raise DataError(
+            flat[0].path,
+            "this image lies directly in its split folder while others are in category sub-folders; "
+            "use one layout for train/ and valid/",
+        )
+    return tuple(
+        dataclasses.replace(image_set, records=[dataclasses.replace(record, category=UNCATEGORISED) for record in image_set.records])
+        for image_set in image_sets
+    )
 
 
 def load_unlabelled_set(images_dir: Path, config: Config, cache_dir: Path) -> tuple[ImageSet, list[int]]:

@@ -19,7 +19,7 @@ from pipeline.datasets import ImageSet, load_unlabelled_set
 from pipeline.errors import RunDirectoryError
 from pipeline.run_directory import Manifest, RunLayout, load_run_config
 from pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
-from router import ModalityRouter
+from router import ModalityRouter, SingleCategoryRouter, router_class_for
 from training.feature_store import feature_store_for
 
 log = logging.getLogger("conceptclef")
@@ -31,18 +31,19 @@ SUBMISSION_FORMATS = ("2020", "2025")
 class RunModels:
     """The trained networks of a run, checked against its manifest."""
 
-    router: ModalityRouter
+    router: ModalityRouter | SingleCategoryRouter
     global_model: ConceptModel
     category_models: dict[str, ConceptModel]
     vocabulary: ConceptVocabulary
 
     @classmethod
     def load(cls, layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels":
-        for name, work_dir, model_class in [("router", layout.router_dir, ModalityRouter), ("global", layout.global_dir, ConceptModel)]:
+        router_class = router_class_for(manifest.categories)
+        for name, work_dir, model_class in [("router", layout.router_dir, router_class), ("global", layout.global_dir, ConceptModel)]:
             if not model_class.is_trained(work_dir):
                 raise RunDirectoryError(f"{work_dir}: the {name} model is not trained; rerun train-all")
         features = feature_store_for(config.data)  # one frozen-backbone pass shared by all head-mode models
-        router = ModalityRouter.load(layout.router_dir, config.device, features)
+        router = router_class.load(layout.router_dir, config.device, features)
         if list(router.categories_) != list(manifest.categories):
             raise RunDirectoryError(
                 f"{layout.router_dir}: router categories {router.categories_} differ from the run's {manifest.categories}"

@@ -114,7 +114,7 @@ def write_ablation_report(
         table.to_csv(stream, index=False, float_format="%.4f")
     header = f"Ablation on {source}; per-category columns grouped by {grouped_by}.\n"
     if fallback_categories:
-        header += f"Categories using the global model (too few images): {', '.join(fallback_categories)}.\n"
+        header += f"Categories using the global model (too few images, or the only category): {', '.join(fallback_categories)}.\n"
     markdown = header + "\n" + markdown_table(table)
     atomic_write_text(out_dir / "ablation.md", markdown)
     plot_category_bars(table, out_dir / "per_category_f1.png", grouped_by)

@@ -29,7 +29,7 @@ from pipeline.parallel import check_devices, run_on_devices
 from pipeline.ranks import barrier, is_main_process
 from pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
 from pipeline.stacking import fit_ensemble_stage
-from router import ModalityRouter
+from router import router_class_for
 
 log = logging.getLogger("conceptclef")
 
@@ -123,7 +123,7 @@ def _pending_models(
 ) -> list[ModelJob]:
     """The base models still to train, in the sequential order; records category decisions in the manifest."""
     jobs = []
-    if "router" in stages and not _finished(layout.router_dir, ModalityRouter, PREDICTIONS_FILE):
+    if "router" in stages and not _finished(layout.router_dir, router_class_for(categories), PREDICTIONS_FILE):
         jobs.append(ModelJob("router", None, len(train.records)))
     if "global" in stages and not (
         _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
@@ -257,14 +257,17 @@ def _decide_category(
     members = _members(train, category)
     valid_members = _members(valid, category)
     vocabulary = ConceptVocabulary.from_concept_lists(train.subset(members).concept_lists, min_count=config.data.min_concept_count)
-    too_few = len(members) < config.data.min_category_images or len(valid_members) == 0 or len(vocabulary) == 0
+    only_category = len(manifest.categories) == 1
+    too_few = only_category or len(members) < config.data.min_category_images or len(valid_members) == 0 or len(vocabulary) == 0
     if too_few:
         reason = (
-            f"{len(members)} training images (< min_category_images = {config.data.min_category_images})"
+            "it is the only category"
+            if only_category
+            else f"{len(members)} training images (< min_category_images = {config.data.min_category_images})"
             if len(members) < config.data.min_category_images
             else "no validation images" if len(valid_members) == 0 else "no concept reaches min_concept_count"
         )
-        log.warning("category %s has %s: it uses the global model", category, reason)
+        log.warning("category %s: %s; it uses the global model", category, reason)
         record = {"category": category, "reason": reason}
         path = layout.fallback_path(category)
         if is_main_process() and not (path.is_file() and read_json(path) == record):
@@ -284,7 +287,7 @@ def _decide_category(
 
 def _missing_base_models(layout: RunLayout, manifest: Manifest) -> list[str]:
     missing = []
-    if not _finished(layout.router_dir, ModalityRouter, PREDICTIONS_FILE):
+    if not _finished(layout.router_dir, router_class_for(manifest.categories), PREDICTIONS_FILE):
         missing.append("router")
     if not _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE):
         missing.append("global")

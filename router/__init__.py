@@ -1,5 +1,6 @@
-"""The modality router (softmax CNN over the modality categories)."""
+"""The modality router (softmax CNN over the modality categories; a trivial one for a single category)."""
 
 from router.model import ModalityRouter
+from router.single import SingleCategoryRouter, router_class_for
 
-__all__ = ["ModalityRouter"]
+__all__ = ["ModalityRouter", "SingleCategoryRouter", "router_class_for"]
