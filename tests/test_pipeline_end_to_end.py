@@ -14,27 +14,12 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from cli import app
+from cli_helpers import REPO, TEST_CONFIG, invoke, run_cli, train
 from data.demo import make_demo_dataset
 from router import ModalityRouter
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_CONFIG = REPO / "configs" / "test.toml"
-
 pytestmark = pytest.mark.slow
-runner = CliRunner()
-
-
-def invoke(*args: str) -> str:
-    result = runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def train(data: Path, run: Path, *extra: str) -> None:
-    invoke("train-all", "--data", data, "--out", run, "--config", TEST_CONFIG, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +137,7 @@ def test_run_directory_from_other_vocabulary_is_refused(run, demo, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["global_vocabulary"] = "0" * len(manifest["global_vocabulary"])
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    result = runner.invoke(app, ["predict", "--run", str(copy), "--images", str(demo / "test"), "--out", str(tmp_path / "s.tsv")])
+    result = run_cli("predict", "--run", copy, "--images", demo / "test", "--out", tmp_path / "s.tsv")
     assert result.exit_code == 2
     assert "vocabulary" in result.output
     assert not (tmp_path / "s.tsv").exists()
@@ -168,7 +153,7 @@ def test_run_directory_for_other_categories_is_refused(run, demo, tmp_path):
     (other / "train_concepts.csv").write_text("\n".join(line for line in lines if line.split("\t")[0] in kept) + "\n")
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    result = runner.invoke(app, ["train-all", "--data", str(other), "--out", str(copy)])
+    result = run_cli("train-all", "--data", other, "--out", copy)
     assert result.exit_code == 2
     assert "categories" in result.output
 
@@ -234,7 +219,7 @@ def test_changed_network_settings_are_refused_on_resume(run, demo, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     config_before = (copy / "config.toml").read_text()
-    result = runner.invoke(app, ["train-all", "--data", str(demo), "--out", str(copy), "--config", str(TEST_CONFIG), "--set", "router.epochs=1"])
+    result = run_cli("train-all", "--data", demo, "--out", copy, "--config", TEST_CONFIG, "--set", "router.epochs=1")
     assert result.exit_code == 2
     assert "differs from the config this run was started with" in result.output
     assert (copy / "config.toml").read_text() == config_before

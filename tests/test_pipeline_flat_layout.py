@@ -9,18 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
+from cli_helpers import TEST_CONFIG, invoke, train
 from core.config import load_config
 from data.demo import make_demo_dataset
 from data.errors import DataError
 from pipeline.datasets import UNCATEGORISED, load_training_sets
 from router import ModalityRouter, SingleCategoryRouter, router_class_for
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_CONFIG = REPO / "configs" / "test.toml"
-runner = CliRunner()
 
 
 def flatten(source: Path, target: Path) -> Path:
@@ -72,13 +68,7 @@ def test_single_category_router_routes_everything_and_round_trips(tmp_path):
 @pytest.mark.slow
 def test_whole_chain_on_flat_data(demo, tmp_path):
     run, data = tmp_path / "run", demo / "flat"
-
-    def invoke(*args: object) -> str:
-        result = runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    invoke("train-all", "--data", data, "--out", run, "--config", TEST_CONFIG)
+    train(data, run)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["categories"] == [UNCATEGORISED] and manifest["fallback_categories"] == [UNCATEGORISED]
     assert not (run / "router" / "checkpoint.pt").exists()  # nothing was trained for routing
@@ -92,5 +82,5 @@ def test_whole_chain_on_flat_data(demo, tmp_path):
     assert "stacked ensemble" in output and f"| {UNCATEGORISED} |" in output
     # Rerunning resumes: nothing is redone.
     stacker = (run / "ensemble" / "stacker.txt").stat().st_mtime_ns
-    invoke("train-all", "--data", data, "--out", run, "--config", TEST_CONFIG)
+    train(data, run)
     assert (run / "ensemble" / "stacker.txt").stat().st_mtime_ns == stacker

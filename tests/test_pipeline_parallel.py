@@ -12,39 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 # Spawned workers import this module to unpickle the toy jobs below: the pipeline (timm,
 # LightGBM, ...) is imported inside the tests that use it, so that a toy worker starts quickly.
+from cli_helpers import TEST_CONFIG, invoke, run_cli, train
 from pipeline.parallel import ParallelTrainingError, run_on_devices, threads_per_worker
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_CONFIG = REPO / "configs" / "test.toml"
 CATEGORIES = ["DRAN", "DRCO", "DRCT", "DRMR", "DRPE", "DRUS", "DRXR"]
 # Workers use 1 CPU thread each where the sequential run uses every core, so float reductions run
 # in another order: observed differences are ~1e-6; anything above 1e-4 would be a real change.
 TOLERANCE = 1e-4
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
-
-
-def run_cli(*args: object, **kwargs):
-    from cli import app
-
-    return runner.invoke(app, [str(arg) for arg in args], **kwargs)
-
-
-def invoke(*args: object) -> str:
-    result = run_cli(*args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def train(data: Path, run: Path, *extra: str) -> None:
-    invoke("train-all", "--data", data, "--out", run, "--config", TEST_CONFIG, *extra)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     from data.demo import make_demo_dataset
