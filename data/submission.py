@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +52,22 @@ def read_submission(path: Path | str, format: str | None = None) -> dict[str, li
     to validate_submission so that a rough submission can still be scored.
     """
     path = Path(path)
-    predictions: dict[str, list[str]] = {}
+    return {
+        row.image_id: list(dict.fromkeys(concept.upper() for concept in row.concepts))
+        for row in _once_each(path, read_submission_rows(path, format))
+    }
+
+
+def _once_each(path: Path, rows: list[SubmissionRow]) -> Iterator[SubmissionRow]:
+    """The rows in order; an image ID seen before is an error naming both lines."""
     first_line: dict[str, int] = {}
-    for row in read_submission_rows(path, format):
+    for row in rows:
         if row.image_id in first_line:
             raise SubmissionError(
                 path, f"image {row.image_id!r} listed twice (lines {first_line[row.image_id]} and {row.line})", row.line
             )
         first_line[row.image_id] = row.line
-        predictions[row.image_id] = list(dict.fromkeys(concept.upper() for concept in row.concepts))
-    return predictions
+        yield row
 
 
 def read_submission_rows(path: Path | str, format: str | None = None) -> list[SubmissionRow]:
@@ -104,21 +110,17 @@ def validate_submission(path: Path | str, image_ids: Iterable[str], format: str 
         if header != [name.lower() for name in _HEADER_2025]:
             raise SubmissionError(path, f"2025 submissions start with the header {','.join(_HEADER_2025)}", lines[0][0])
     expected = set(image_ids)
-    first_line: dict[str, int] = {}
-    for row in read_submission_rows(path, format):
-        if row.image_id in first_line:
-            raise SubmissionError(
-                path, f"image {row.image_id!r} listed twice (lines {first_line[row.image_id]} and {row.line})", row.line
-            )
-        first_line[row.image_id] = row.line
+    listed: set[str] = set()
+    for row in _once_each(path, read_submission_rows(path, format)):
         if row.image_id not in expected:
             raise SubmissionError(path, f"unknown image ID {row.image_id!r} (not a test image)", row.line)
         _check_concepts(path, row)
-    missing = sorted(expected - first_line.keys())
+        listed.add(row.image_id)
+    missing = sorted(expected - listed)
     if missing:
         examples = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise SubmissionError(path, f"{len(missing)} of {len(expected)} test images are missing: {examples}")
-    return len(first_line)
+    return len(listed)
 
 
 def sniff_format(lines: list[tuple[int, str]]) -> str:
