@@ -74,7 +74,7 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
     _write_confusion(work_dir, router.categories_, router.confusion_)
     if isinstance(router, SingleCategoryRouter):
         return router
-    chance = majority_class_accuracy(np.array([str(c) for c in train.categories]), np.array([str(c) for c in valid.categories]))
+    chance = majority_class_accuracy(np.array(train_categories), np.array(valid_categories))
     _write_baseline(work_dir, "accuracy", router.valid_accuracy_, "most frequent category", chance)
     log.info(
         "router: validation accuracy %.3f over %d images (always the most frequent category: %.3f)",

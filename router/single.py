@@ -26,9 +26,12 @@ class SingleCategoryRouter:
     """Routes every image to the only category (sklearn-style: fit / predict_proba / load)."""
 
     def fit(self, categories: Sequence[str], valid_categories: Sequence[str], work_dir: Path) -> "SingleCategoryRouter":
-        names = sorted({str(category) for category in categories} | {str(category) for category in valid_categories})
+        names = sorted({str(category) for category in categories})
         if len(names) != 1:
-            raise ValueError(f"single-category router: the data has {len(names)} categories ({', '.join(names)}); use ModalityRouter")
+            raise ValueError(f"single-category router: the training data has {len(names)} categories ({', '.join(names)})")
+        unknown = sorted({str(category) for category in valid_categories} - set(names))
+        if unknown:
+            raise ValueError(f"router: validation categories never seen in training: {', '.join(unknown)}")
         if is_main_process():  # under torchrun every rank calls fit; one writes
             Path(work_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(work_dir) / MARKER_FILE, {"category": names[0]})

@@ -62,6 +62,8 @@ def test_single_category_router_routes_everything_and_round_trips(tmp_path):
     assert not SingleCategoryRouter.is_trained(tmp_path / "elsewhere")
     with pytest.raises(ValueError, match="2 categories"):
         SingleCategoryRouter().fit(["CT", "MR"], ["CT"], tmp_path / "two")
+    with pytest.raises(ValueError, match="never seen in training: MR"):
+        SingleCategoryRouter().fit(["CT"], ["CT", "MR"], tmp_path / "unseen")
     assert router_class_for(["ALL"]) is SingleCategoryRouter and router_class_for(["CT", "MR"]) is ModalityRouter
 
 
