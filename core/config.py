@@ -87,6 +87,7 @@ class EnsembleConfig:
     num_leaves: int = 31
     n_estimators: int = 300  # boosting rounds (at most, with choose_rounds)
     choose_rounds: bool = True  # cross-fitting keeps the round count with the lowest held-out log-loss
+    rounds_patience: int = 100  # with choose_rounds, a fold stops after this many rounds without a lower loss
     learning_rate: float = 0.05
     min_child_samples: int = 20
     threshold_prior_strength: float = 10.0  # rare concepts shrink toward the global threshold

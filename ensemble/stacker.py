@@ -114,8 +114,10 @@ class ConceptStacker:
         categories: list[str],
         eval_table: PairTable | None = None,
         eval_labels: np.ndarray | None = None,
+        patience: int | None = None,
     ) -> "ConceptStacker":
-        """Fit on a pair table; with `eval_table`, also record its log-loss after every round (`eval_loss_`)."""
+        """Fit on a pair table; with `eval_table`, also record its log-loss after every round (`eval_loss_`),
+        and with `patience`, stop once that many rounds have passed without a lower loss."""
         dataset = lgb.Dataset(
             table.features,
             label=labels,
@@ -129,7 +131,12 @@ class ConceptStacker:
         if eval_table is not None:
             held_out = dataset.create_valid(eval_table.features, label=eval_labels)
             params = {**params, "metric": "binary_logloss"}
-            extra = {"valid_sets": [held_out], "valid_names": ["held_out"], "callbacks": [lgb.record_evaluation(evaluation)]}
+            callbacks = [lgb.record_evaluation(evaluation)]
+            if patience:
+                callbacks.append(lgb.early_stopping(patience, first_metric_only=True, verbose=False))
+            # keep_training_booster: otherwise LightGBM drops the trees after the fold's own best
+            # round, and the rounds chosen over all folds may be more than that.
+            extra = {"valid_sets": [held_out], "valid_names": ["held_out"], "callbacks": callbacks, "keep_training_booster": True}
         self.booster_ = lgb.train(params, dataset, num_boost_round=self.n_estimators, **extra)
         if eval_table is not None:
             self.eval_loss_ = np.asarray(evaluation["held_out"]["binary_logloss"], dtype=np.float64)
@@ -257,22 +264,29 @@ def cross_fit_table(
     boosting rounds to keep: the count with the lowest held-out log-loss summed over folds (at
     most `n_estimators`). The stacker learns from the validation split only, so the right amount
     of boosting depends on its size: a few hundred images want far fewer trees than 16,000.
+    A fold stops `rounds_patience` rounds after its own best, so a generous `n_estimators` costs
+    little; the sum is taken over the rounds every fold ran.
     """
     pair_fold = np.asarray(image_fold)[table.candidates.rows]
-    fold_models, held_out_masks = [], []
-    summed_loss = np.zeros(config.n_estimators, dtype=np.float64)
+    fold_models, held_out_masks, weighted_losses = [], [], []
     for fold in range(config.folds):
         held_out = pair_fold == fold
         stacker = ConceptStacker.from_config(config, seed, num_threads)
         if config.choose_rounds:
             held_table, held_labels = table.take(held_out), labels[held_out]
-            stacker.fit_table(table.take(~held_out), labels[~held_out], categories, held_table, held_labels)
-            summed_loss[: stacker.eval_loss_.size] += stacker.eval_loss_ * held_labels.size
+            stacker.fit_table(
+                table.take(~held_out), labels[~held_out], categories, held_table, held_labels, patience=config.rounds_patience
+            )
+            weighted_losses.append(stacker.eval_loss_ * held_labels.size)
         else:
             stacker.fit_table(table.take(~held_out), labels[~held_out], categories)
         fold_models.append(stacker)
         held_out_masks.append(held_out)
-    rounds = int(np.argmin(summed_loss)) + 1 if config.choose_rounds else config.n_estimators
+    if config.choose_rounds:
+        common = min(loss.size for loss in weighted_losses)
+        rounds = int(np.argmin(np.sum([loss[:common] for loss in weighted_losses], axis=0))) + 1
+    else:
+        rounds = config.n_estimators
     oof = np.zeros(labels.size, dtype=np.float32)
     for stacker, held_out in zip(fold_models, held_out_masks):
         oof[held_out] = stacker.predict_table(table.take(held_out), rounds)

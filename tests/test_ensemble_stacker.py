@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from core.config import EnsembleConfig
 from ensemble.features import build_pair_table
 from ensemble.mixing import mixture_block, routed_block
-from ensemble.stacker import ConceptStacker, cross_fit_out_of_fold, image_folds, pair_labels
+from ensemble.stacker import ConceptStacker, cross_fit_out_of_fold, cross_fit_table, image_folds, pair_labels
 from ensemble.synthetic import SyntheticSignals, make_synthetic_set
 from ensemble.thresholds import tune_global_threshold
 
@@ -122,3 +122,20 @@ def test_rounds_are_chosen_on_held_out_folds(informative):
     _, model, rounds = cross_fit_out_of_fold(inputs, informative.truth[:600], config, seed=1, num_threads=1)
     assert noise_rounds < 20 < rounds <= 150, (noise_rounds, rounds)
     assert model.booster_.num_trees() == rounds and noise_model.booster_.num_trees() == noise_rounds
+
+
+def test_folds_stop_boosting_after_their_patience(informative):
+    """A generous cap costs little: noise stops every fold within `rounds_patience` of its best."""
+    inputs = informative.inputs.subset(np.arange(300))
+    config = EnsembleConfig(candidates_per_model=10, n_estimators=2000, learning_rate=0.1, folds=3, rounds_patience=10)
+    random_truth = sp.csr_matrix(np.random.default_rng(1).random((300, inputs.n_concepts)) < 0.08)
+    table = build_pair_table(inputs, 10)
+    labels = pair_labels(table, random_truth)
+    folds = image_folds(300, 3, seed=0)
+    oof, final, rounds = cross_fit_table(table, labels, folds, inputs.categories, config, seed=0, num_threads=1)
+    assert rounds < 50 and final.booster_.num_trees() == rounds
+    # Each fold's out-of-fold probabilities come from exactly `rounds` trees, even where that fold ran longer.
+    held = folds[table.candidates.rows] == 0
+    refit = EnsembleConfig(candidates_per_model=10, n_estimators=rounds, learning_rate=0.1, folds=3)
+    fold_model = ConceptStacker.from_config(refit, 0, 1).fit_table(table.take(~held), labels[~held], inputs.categories)
+    np.testing.assert_allclose(oof[held], fold_model.predict_table(table.take(held)), rtol=1e-5, atol=1e-6)
