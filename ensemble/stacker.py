@@ -134,12 +134,13 @@ class ConceptStacker:
             callbacks = [lgb.record_evaluation(evaluation)]
             if patience:
                 callbacks.append(lgb.early_stopping(patience, first_metric_only=True, verbose=False))
-            # keep_training_booster: otherwise LightGBM drops the trees after the fold's own best
-            # round, and the rounds chosen over all folds may be more than that.
             extra = {"valid_sets": [held_out], "valid_names": ["held_out"], "callbacks": callbacks, "keep_training_booster": True}
         self.booster_ = lgb.train(params, dataset, num_boost_round=self.n_estimators, **extra)
         if eval_table is not None:
             self.eval_loss_ = np.asarray(evaluation["held_out"]["binary_logloss"], dtype=np.float64)
+            # Every tree, not just those up to this fold's own best round (the rounds chosen over all
+            # folds may be more), in a prediction-only booster that lets the training data go.
+            self.booster_ = lgb.Booster(model_str=self.booster_.model_to_string(num_iteration=-1))
         self.feature_names_ = list(table.feature_names)
         self.categories_ = list(categories)
         self.n_train_pairs_ = int(labels.size)
