@@ -61,7 +61,8 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
     """Train the router (nothing to train for a single category) and save its validation probabilities."""
     work_dir = layout.router_dir
     train_categories, valid_categories = [str(c) for c in train.categories], [str(c) for c in valid.categories]
-    if router_class_for(sorted(set(train_categories))) is SingleCategoryRouter:
+    single = router_class_for(sorted(set(train_categories))) is SingleCategoryRouter
+    if single:
         router = SingleCategoryRouter().fit(train_categories, valid_categories, work_dir)
         log.info("router: one category (%s); every image goes to it, nothing to train", router.categories_[0])
     else:
@@ -72,7 +73,7 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
     probs = router.predict_proba(valid.images)
     ModelPredictions(valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
     _write_confusion(work_dir, router.categories_, router.confusion_)
-    if isinstance(router, SingleCategoryRouter):
+    if single:  # no trained router to hold against a baseline
         return router
     chance = majority_class_accuracy(np.array(train_categories), np.array(valid_categories))
     _write_baseline(work_dir, "accuracy", router.valid_accuracy_, "most frequent category", chance)

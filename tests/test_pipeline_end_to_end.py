@@ -117,14 +117,20 @@ def test_rerun_resumes_and_skips_finished_models(run, demo):
     assert {path: path.stat().st_mtime_ns for path in watched} == before
 
 
-def test_ensemble_refits_alone_from_saved_predictions(run, demo, submission, tmp_path):
+def refit_ensemble_in_a_copy(run: Path, demo: Path, tmp_path: Path, *extra: str) -> Path:
+    """Train a copy of the run with `extra`; the networks must stay as they were, the stacker re-fitted."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     checkpoints = {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")}
     stacker_before = (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns
-    train(demo, copy, "--only", "ensemble")
+    train(demo, copy, *extra)
     assert {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")} == checkpoints
     assert (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns != stacker_before
+    return copy
+
+
+def test_ensemble_refits_alone_from_saved_predictions(run, demo, submission, tmp_path):
+    copy = refit_ensemble_in_a_copy(run, demo, tmp_path, "--only", "ensemble")
     again = tmp_path / "again.tsv"
     invoke("predict", "--run", copy, "--images", demo / "test", "--out", again)
     assert again.read_text() == submission.read_text()
@@ -204,13 +210,7 @@ def test_killed_run_resumes_to_the_same_result(run, demo, submission, tmp_path):
 
 
 def test_changed_ensemble_settings_refit_the_ensemble_alone(run, demo, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    checkpoints = {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")}
-    stacker_before = (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns
-    train(demo, copy, "--set", "ensemble.folds=3")
-    assert {path: path.stat().st_mtime_ns for path in copy.glob("*/checkpoint.pt")} == checkpoints
-    assert (copy / "ensemble" / "stacker.txt").stat().st_mtime_ns != stacker_before
+    copy = refit_ensemble_in_a_copy(run, demo, tmp_path, "--set", "ensemble.folds=3")
     assert "folds = 3" in (copy / "config.toml").read_text()
     assert "ensemble" in json.loads((copy / "manifest.json").read_text())["finished_stages"]
 
