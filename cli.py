@@ -26,7 +26,7 @@ def _user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from pipeline.errors import USER_ERRORS
+        from conceptclef.pipeline.errors import USER_ERRORS
 
         try:
             return command(*args, **kwargs)
@@ -48,7 +48,7 @@ def make_demo(
     image_size: int = typer.Option(128, help="Side of the written JPEG images."),
 ) -> None:
     """Write a synthetic radiology-like dataset in the ImageCLEF 2020 layout."""
-    from data.demo import make_demo_dataset
+    from conceptclef.data.demo import make_demo_dataset
 
     summary = make_demo_dataset(out, n_train=train, n_valid=valid, n_test=test, seed=seed, image_size=image_size)
     typer.echo(json.dumps(summary, indent=2))
@@ -69,9 +69,9 @@ def train_all(
     ),
 ) -> None:
     """Train the router, the global and per-category models, then fit the stacker and thresholds."""
-    from pipeline.parallel import parse_devices
-    from pipeline.train_all import train_all as run_train_all
-    from training import distributed
+    from conceptclef.pipeline.parallel import parse_devices
+    from conceptclef.pipeline.train_all import train_all as run_train_all
+    from conceptclef.training import distributed
 
     stages = [stage.strip() for stage in only.split(",") if stage.strip()] if only else None
     # Checked before joining a torchrun group: --devices and torchrun exclude each other.
@@ -94,7 +94,7 @@ def predict(
     format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs)."),
 ) -> None:
     """Write a challenge submission (and per-image probabilities beside it) using only RUN."""
-    from pipeline.predict import predict_submission
+    from conceptclef.pipeline.predict import predict_submission
 
     summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format)
     typer.echo(json.dumps(summary, indent=2))
@@ -112,7 +112,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Score a submission with the official sample-averaged F1."""
-    from pipeline.evaluate import evaluate_submission
+    from conceptclef.pipeline.evaluate import evaluate_submission
 
     report = evaluate_submission(submission, ground_truth, subset_path=subset, categories_path=categories)
     if as_json:
@@ -131,7 +131,7 @@ def validate(
     format: Optional[str] = typer.Option(None, help="2020 or 2025; guessed from the file when omitted."),
 ) -> None:
     """Check a submission against the challenge rules; exit non-zero when it breaks one."""
-    from pipeline.evaluate import validate_submission_file
+    from conceptclef.pipeline.evaluate import validate_submission_file
 
     count = validate_submission_file(submission, images, submission_format=format)
     typer.echo(f"{submission}: valid ({count} images)")
@@ -147,7 +147,7 @@ def ablation(
     categories: Optional[Path] = typer.Option(None, help="True categories for oracle routing (CSV ID,CATEGORY)."),
 ) -> None:
     """Score global vs per-category vs stacked ensemble, overall and per category."""
-    from pipeline.ablation import run_ablation
+    from conceptclef.pipeline.ablation import run_ablation
 
     table = run_ablation(run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories)
     typer.echo(table)

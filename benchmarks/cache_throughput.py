@@ -9,7 +9,6 @@ float tensors) fed by decode+resize from the JPEGs, and fed by the cache memmap.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,10 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.cache import ImageCache  # noqa: E402
-from data.images import load_resized_array  # noqa: E402
+from conceptclef.data.cache import ImageCache  # noqa: E402
+from conceptclef.data.images import load_resized_array  # noqa: E402
 
 BATCH = 32
 

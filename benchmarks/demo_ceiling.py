@@ -7,12 +7,10 @@ perfectly could expect on a make-demo split (see pipeline/demo_ceiling.py).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo_ceiling import demo_ceiling  # noqa: E402
+from conceptclef.pipeline.demo_ceiling import demo_ceiling  # noqa: E402
 
 
 def main() -> None:

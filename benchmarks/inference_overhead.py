@@ -30,12 +30,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipeline.datasets import load_unlabelled_set  # noqa: E402
-from pipeline.predict import RunModels, write_predictions  # noqa: E402
-from pipeline.stacking import FittedEnsemble  # noqa: E402
-from pipeline.run_directory import Manifest, RunLayout, load_run_config  # noqa: E402
+from conceptclef.pipeline.datasets import load_unlabelled_set  # noqa: E402
+from conceptclef.pipeline.predict import RunModels, write_predictions  # noqa: E402
+from conceptclef.pipeline.stacking import FittedEnsemble  # noqa: E402
+from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config  # noqa: E402
 
 
 def replicate_images(source: Path, count: int, target: Path) -> Path:

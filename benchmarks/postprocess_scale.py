@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,17 +37,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import EnsembleConfig  # noqa: E402
-from ensemble.decoding import ExpectedF1Decoder  # noqa: E402
-from ensemble.features import build_pair_table  # noqa: E402
-from ensemble.mixing import mixture_at  # noqa: E402
-from ensemble.sparse_ops import as_score_csr  # noqa: E402
-from ensemble.stacker import ConceptStacker, cross_fit_table, image_folds, pair_labels, table_to_csr  # noqa: E402
-from ensemble.synthetic import make_synthetic_set  # noqa: E402
-from ensemble.thresholds import ConceptThresholdTuner, tune_global_threshold  # noqa: E402
-from scoring.f1 import mean_sample_f1_sparse, sample_f1  # noqa: E402
+from conceptclef.core.config import EnsembleConfig  # noqa: E402
+from conceptclef.ensemble.decoding import ExpectedF1Decoder  # noqa: E402
+from conceptclef.ensemble.features import build_pair_table  # noqa: E402
+from conceptclef.ensemble.mixing import mixture_at  # noqa: E402
+from conceptclef.ensemble.sparse_ops import as_score_csr  # noqa: E402
+from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_table, image_folds, pair_labels, table_to_csr  # noqa: E402
+from conceptclef.ensemble.synthetic import make_synthetic_set  # noqa: E402
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner, tune_global_threshold  # noqa: E402
+from conceptclef.scoring.f1 import mean_sample_f1_sparse, sample_f1  # noqa: E402
 
 IMAGECLEF_2020_VALIDATION_IMAGES = 15_970
 IMAGECLEF_2020_TEST_IMAGES = 3_534
@@ -90,7 +88,7 @@ def write_submission_file(path: Path, image_ids: list[str], labels: sp.csr_matri
         for i, image_id in enumerate(image_ids)
     }
     try:
-        from data.submission import write_submission
+        from conceptclef.data.submission import write_submission
     except ImportError:
         lines = [f"{image_id}\t{';'.join(concepts)}" for image_id, concepts in predictions.items()]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")

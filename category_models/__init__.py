@@ -1,5 +1,5 @@
 """Multi-label concept models (global and per modality category)."""
 
-from category_models.model import ConceptModel
+from conceptclef.category_models.model import ConceptModel
 
 __all__ = ["ConceptModel"]

@@ -15,11 +15,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scoring.f1 import mean_sample_f1_sparse
-from training.estimator import NetworkEstimator
-from training.feature_store import FeatureStore
-from training.loop import EpochCallback, Objective
-from training.losses import build_loss, positive_class_weights
+from conceptclef.scoring.f1 import mean_sample_f1_sparse
+from conceptclef.training.estimator import NetworkEstimator
+from conceptclef.training.feature_store import FeatureStore
+from conceptclef.training.loop import EpochCallback, Objective
+from conceptclef.training.losses import build_loss, positive_class_weights
 
 DECISION_THRESHOLD = 0.5
 

@@ -137,7 +137,7 @@ def config_from_dict(raw: dict[str, Any], source: str | Path = "<config>", text:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as TOML (atomically) so a run can be reproduced from it."""
-    from core.runfiles import atomic_write_text
+    from conceptclef.core.runfiles import atomic_write_text
 
     atomic_write_text(Path(path), tomli_w.dumps(config.to_dict()))
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from core.runfiles import atomic_write_json, read_json
-from data.errors import ImageReadError
-from data.images import load_resized_array
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.data.errors import ImageReadError
+from conceptclef.data.images import load_resized_array
 
 # Bump when load_resized_array changes its output (filter, colour handling...): old caches rebuild.
 PREPROCESSING_VERSION = "rgb-draft-bilinear-rg2-v1"

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import ConceptFileError, DataError
+from conceptclef.data.errors import ConceptFileError, DataError
 
 CUI_PATTERN = re.compile(r"^C\d{7}$")
 # A field that looks like an attempted CUI (a C followed by digits) must be a valid one, whereas

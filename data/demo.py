@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.runfiles import atomic_write_json, atomic_write_text, read_json
-from data.demo_render import render_image
-from data.errors import DataError
+from conceptclef.core.runfiles import atomic_write_json, atomic_write_text, read_json
+from conceptclef.data.demo_render import render_image
+from conceptclef.data.errors import DataError
 
 
 @dataclass(frozen=True)

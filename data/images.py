@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data.errors import ImageReadError
+from conceptclef.data.errors import ImageReadError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default MAX_IMAGE_PIXELS (~13k x 13k)
 _RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking; with reducing_gap both fast and sharp

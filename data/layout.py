@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.concepts import read_concept_rows
-from data.errors import ConceptFileError, DataError
+from conceptclef.data.concepts import read_concept_rows
+from conceptclef.data.errors import ConceptFileError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SPLIT_ALIASES = {

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.runfiles import atomic_write_text
-from data.concepts import CUI_PATTERN
-from data.errors import SubmissionError
+from conceptclef.core.runfiles import atomic_write_text
+from conceptclef.data.concepts import CUI_PATTERN
+from conceptclef.data.errors import SubmissionError
 
 FORMATS = ("2020", "2025")
 MAX_CONCEPTS_PER_IMAGE = 100

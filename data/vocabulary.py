@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from core.runfiles import atomic_write_json, read_json
-from data.concepts import CUI_PATTERN
-from data.errors import DataError
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.data.concepts import CUI_PATTERN
+from conceptclef.data.errors import DataError
 
 _FORMAT = "conceptclef-vocabulary"
 

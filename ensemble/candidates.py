@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ensemble.inputs import StackingInputs
-from ensemble.mixing import routed_block
-from ensemble.sparse_ops import DENSE_CHUNK_ROWS, pair_keys, top_k_dense_rows, top_k_sparse_rows
+from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.mixing import routed_block
+from conceptclef.ensemble.sparse_ops import DENSE_CHUNK_ROWS, pair_keys, top_k_dense_rows, top_k_sparse_rows
 
 SOURCES = ("global", "routed", "knn")
 

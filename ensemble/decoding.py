@@ -14,12 +14,12 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from core.config import EnsembleConfig
-from core.runfiles import atomic_write_json, read_json
-from ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
-from ensemble.stacker import image_folds
-from ensemble.thresholds import ConceptThresholdTuner
-from scoring.f1 import mean_sample_f1_sparse
+from conceptclef.core.config import EnsembleConfig
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
+from conceptclef.ensemble.stacker import image_folds
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner
+from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
 EXPECTED_F1_FILE = "expected_f1.json"
 DECISION_FILE = "decision.json"

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.candidates import SOURCES, CandidateSet, build_candidates
-from ensemble.inputs import StackingInputs
-from ensemble.mixing import mixture_at, routed_at, routed_index
-from ensemble.sparse_ops import DENSE_CHUNK_ROWS, gather
+from conceptclef.ensemble.candidates import SOURCES, CandidateSet, build_candidates
+from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.mixing import mixture_at, routed_at, routed_index
+from conceptclef.ensemble.sparse_ops import DENSE_CHUNK_ROWS, gather
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.inputs import StackingInputs
+from conceptclef.ensemble.inputs import StackingInputs
 
 
 def routed_index(router_probs: np.ndarray) -> np.ndarray:

@@ -22,11 +22,11 @@ import lightgbm as lgb  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from core.config import EnsembleConfig  # noqa: E402
-from core.runfiles import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from ensemble.features import PairTable, build_pair_table  # noqa: E402
-from ensemble.inputs import StackingInputs  # noqa: E402
-from ensemble.sparse_ops import as_bool_csr, gather  # noqa: E402
+from conceptclef.core.config import EnsembleConfig  # noqa: E402
+from conceptclef.core.runfiles import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from conceptclef.ensemble.features import PairTable, build_pair_table  # noqa: E402
+from conceptclef.ensemble.inputs import StackingInputs  # noqa: E402
+from conceptclef.ensemble.sparse_ops import as_bool_csr, gather  # noqa: E402
 
 MODEL_FILE = "stacker.txt"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ensemble.inputs import StackingInputs
+from conceptclef.ensemble.inputs import StackingInputs
 
 BLOCK_ROWS = 8192
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from core.config import EnsembleConfig
-from core.runfiles import atomic_write_json, read_json
-from ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
+from conceptclef.core.config import EnsembleConfig
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
 
 THRESHOLDS_FILE = "thresholds.json"
 

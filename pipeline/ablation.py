@@ -20,17 +20,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from core.config import Config
-from data.concepts import read_category_file, read_concept_file
-from data.vocabulary import ConceptVocabulary
-from ensemble.thresholds import ConceptThresholdTuner
-from pipeline.base_models import read_confusion
-from pipeline.datasets import load_unlabelled_set
-from pipeline.errors import RunDirectoryError
-from pipeline.predict import RunModels
-from pipeline.reports import write_ablation_report
-from pipeline.run_directory import Manifest, RunLayout, load_run_config
-from pipeline.stacking import (
+from conceptclef.core.config import Config
+from conceptclef.data.concepts import read_category_file, read_concept_file
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner
+from conceptclef.pipeline.base_models import read_confusion
+from conceptclef.pipeline.datasets import load_unlabelled_set
+from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.predict import RunModels
+from conceptclef.pipeline.reports import write_ablation_report
+from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
+from conceptclef.pipeline.stacking import (
     BaseOutputs,
     FittedEnsemble,
     load_oof_probabilities,
@@ -38,8 +38,8 @@ from pipeline.stacking import (
     load_validation_truth,
     to_stacking_inputs,
 )
-from scoring.baselines import best_most_frequent_k, most_frequent_predictions
-from scoring.f1 import per_image_f1_sparse
+from conceptclef.scoring.baselines import best_most_frequent_k, most_frequent_predictions
+from conceptclef.scoring.f1 import per_image_f1_sparse
 
 log = logging.getLogger("conceptclef")
 
@@ -56,7 +56,7 @@ class LabelledOutputs:
 
 def routed_probs(outputs: BaseOutputs, vocabulary: ConceptVocabulary, categories: list[str]) -> np.ndarray:
     """Each image's probabilities from the model of `categories[i]` (the global model when it has none)."""
-    from ensemble.inputs import project_to_columns
+    from conceptclef.ensemble.inputs import project_to_columns
 
     global_cuis = list(vocabulary.cuis)
     result = np.array(outputs.global_probs, dtype=np.float32, copy=True)
@@ -191,7 +191,7 @@ def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocab
 def _cross_fitted_ensemble_decisions(oof: sp.csr_matrix, labelled: LabelledOutputs, config: Config, rule: str) -> sp.csr_matrix:
     if rule == "thresholds":
         return cross_fitted_threshold_decisions(oof.toarray(), labelled.truth, labelled.truth_outside, config)
-    from ensemble.decoding import ExpectedF1Decoder
+    from conceptclef.ensemble.decoding import ExpectedF1Decoder
 
     return sp.csr_matrix(ExpectedF1Decoder(config.ensemble.min_labels, config.ensemble.max_labels).predict(oof), dtype=bool)
 

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from category_models import ConceptModel
-from core.config import Config
-from core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
-from data.vocabulary import ConceptVocabulary
-from pipeline.datasets import ImageSet
-from pipeline.ranks import is_main_process
-from pipeline.run_directory import RunLayout
-from router import ModalityRouter, SingleCategoryRouter, router_class_for
-from scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
-from training.feature_store import feature_store_for
+from conceptclef.category_models import ConceptModel
+from conceptclef.core.config import Config
+from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.ranks import is_main_process
+from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
+from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
+from conceptclef.training.feature_store import feature_store_for
 
 log = logging.getLogger("conceptclef")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from core.config import Config
-from data.cache import ImageCache
-from data.errors import DataError, ImageReadError
-from data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
-from data.vocabulary import ConceptVocabulary
-from pipeline.ranks import main_process_first
+from conceptclef.core.config import Config
+from conceptclef.data.cache import ImageCache
+from conceptclef.data.errors import DataError, ImageReadError
+from conceptclef.data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.pipeline.ranks import main_process_first
 
 log = logging.getLogger("conceptclef")
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from core.runfiles import read_json
-from data.concepts import read_concept_file
-from data.demo import DEMO_MARKER, rare_pool, sample_demo_images, visible_concept_probabilities
-from data.errors import DataError
-from data.vocabulary import ConceptVocabulary
-from ensemble.decoding import ExpectedF1Decoder
-from ensemble.thresholds import tune_global_threshold
-from scoring.f1 import mean_sample_f1_sparse
+from conceptclef.core.runfiles import read_json
+from conceptclef.data.concepts import read_concept_file
+from conceptclef.data.demo import DEMO_MARKER, rare_pool, sample_demo_images, visible_concept_probabilities
+from conceptclef.data.errors import DataError
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.decoding import ExpectedF1Decoder
+from conceptclef.ensemble.thresholds import tune_global_threshold
+from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
 
 def demo_ceiling(out: Path | str, split: str = "test") -> dict[str, float]:

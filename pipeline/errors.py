@@ -1,7 +1,7 @@
 """Which exceptions are the user's input problems (shown as one line) rather than bugs."""
 
-from core.config import ConfigError
-from data.errors import DataError
+from conceptclef.core.config import ConfigError
+from conceptclef.data.errors import DataError
 
 
 class RunDirectoryError(ValueError):

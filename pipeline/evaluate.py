@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.concepts import read_category_file, read_concept_file, read_cui_list
-from data.errors import DataError, SubmissionError
-from data.layout import list_image_folder
-from data.submission import read_submission, validate_submission
-from scoring.f1 import F1Report, sample_f1
+from conceptclef.data.concepts import read_category_file, read_concept_file, read_cui_list
+from conceptclef.data.errors import DataError, SubmissionError
+from conceptclef.data.layout import list_image_folder
+from conceptclef.data.submission import read_submission, validate_submission
+from conceptclef.scoring.f1 import F1Report, sample_f1
 
 
 def evaluate_submission(

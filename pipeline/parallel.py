@@ -28,7 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
-from core.config import ConfigError
+from conceptclef.core.config import ConfigError
 
 log = logging.getLogger("conceptclef")
 
@@ -85,7 +85,7 @@ def check_devices(devices: Sequence[str]) -> None:
 
 
 def refuse_under_torchrun() -> None:
-    from training import distributed
+    from conceptclef.training import distributed
 
     if distributed.launched():
         raise ConfigError(
@@ -199,7 +199,7 @@ def _bind_worker(free_devices, threads: int, log_level: int, prepare: Callable[[
     global _device, _prepare
     import torch
 
-    from training.runtime import PROGRESS_ENV
+    from conceptclef.training.runtime import PROGRESS_ENV
 
     number, _device = free_devices.get()
     _prepare = prepare

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from category_models import ConceptModel
-from core.config import Config
-from core.runfiles import atomic_save_arrays
-from data.submission import write_submission
-from data.vocabulary import ConceptVocabulary
-from pipeline.datasets import ImageSet, load_unlabelled_set
-from pipeline.errors import RunDirectoryError
-from pipeline.run_directory import Manifest, RunLayout, load_run_config
-from pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
-from router import ModalityRouter, SingleCategoryRouter, router_class_for
-from training.feature_store import feature_store_for
+from conceptclef.category_models import ConceptModel
+from conceptclef.core.config import Config
+from conceptclef.core.runfiles import atomic_save_arrays
+from conceptclef.data.submission import write_submission
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.pipeline.datasets import ImageSet, load_unlabelled_set
+from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
+from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
+from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
+from conceptclef.training.feature_store import feature_store_for
 
 log = logging.getLogger("conceptclef")
 

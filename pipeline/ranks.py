@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from training.distributed import barrier, is_main_process, world_size
+from conceptclef.training.distributed import barrier, is_main_process, world_size
 
 __all__ = ["barrier", "is_main_process", "main_process_first", "world_size"]
 

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from core.runfiles import atomic_output, atomic_write_text  # noqa: E402
-from scoring.f1 import per_image_f1_sparse  # noqa: E402
+from conceptclef.core.runfiles import atomic_output, atomic_write_text  # noqa: E402
+from conceptclef.scoring.f1 import per_image_f1_sparse  # noqa: E402
 
 
 def markdown_table(table: pd.DataFrame) -> str:

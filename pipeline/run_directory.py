@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from core.config import Config, ConfigError, apply_overrides, load_config, save_config
-from core.runfiles import atomic_write_json, read_json
-from pipeline.errors import RunDirectoryError
-from pipeline.ranks import is_main_process
+from conceptclef.core.config import Config, ConfigError, apply_overrides, load_config, save_config
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.ranks import is_main_process
 
 MANIFEST_VERSION = 1
 

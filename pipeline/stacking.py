@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from core.config import Config
-from core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
-from data.vocabulary import ConceptVocabulary
-from ensemble.decoding import choose_decision_rule, load_decision, save_decision
-from ensemble.features import feature_names_for
-from ensemble.inputs import StackingInputs, project_to_columns
-from ensemble.knn import NearestNeighbourScorer
-from ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
-from pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, ModelPredictions
-from pipeline.datasets import ImageSet
-from pipeline.errors import RunDirectoryError
-from pipeline.run_directory import Manifest, RunLayout
+from conceptclef.core.config import Config
+from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.decoding import choose_decision_rule, load_decision, save_decision
+from conceptclef.ensemble.features import feature_names_for
+from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
+from conceptclef.ensemble.knn import NearestNeighbourScorer
+from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
+from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, ModelPredictions
+from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.run_directory import Manifest, RunLayout
 
 log = logging.getLogger("conceptclef")
 

@@ -18,18 +18,18 @@ from typing import Sequence
 
 import numpy as np
 
-from category_models import ConceptModel
-from core.config import Config, ConfigError
-from core.runfiles import atomic_write_json, read_json
-from data.vocabulary import ConceptVocabulary
-from pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
-from pipeline.datasets import ImageSet, load_training_sets
-from pipeline.errors import RunDirectoryError
-from pipeline.parallel import check_devices, run_on_devices
-from pipeline.ranks import barrier, is_main_process
-from pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
-from pipeline.stacking import fit_ensemble_stage
-from router import router_class_for
+from conceptclef.category_models import ConceptModel
+from conceptclef.core.config import Config, ConfigError
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
+from conceptclef.pipeline.datasets import ImageSet, load_training_sets
+from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.parallel import check_devices, run_on_devices
+from conceptclef.pipeline.ranks import barrier, is_main_process
+from conceptclef.pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
+from conceptclef.pipeline.stacking import fit_ensemble_stage
+from conceptclef.router import router_class_for
 
 log = logging.getLogger("conceptclef")
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.estimator import NetworkEstimator
-from training.feature_store import FeatureStore
-from training.loop import EpochCallback, Objective
-from training.losses import balanced_class_weights
+from conceptclef.training.estimator import NetworkEstimator
+from conceptclef.training.feature_store import FeatureStore
+from conceptclef.training.loop import EpochCallback, Objective
+from conceptclef.training.losses import balanced_class_weights
 
 
 def accuracy(probabilities: np.ndarray, class_indices: np.ndarray) -> float:

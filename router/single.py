@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from core.runfiles import atomic_write_json, read_json
-from router.model import ModalityRouter
-from training.distributed import is_main_process
+from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.router.model import ModalityRouter
+from conceptclef.training.distributed import is_main_process
 
 MARKER_FILE = "single_category.json"
 

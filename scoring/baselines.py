@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from scoring.f1 import mean_sample_f1_sparse
+from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
 
 def most_frequent_predictions(frequency: np.ndarray, n_images: int, k: int) -> sp.csr_matrix:

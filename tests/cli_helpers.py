@@ -17,7 +17,7 @@ _runner = CliRunner()
 
 def run_cli(*args: object, **kwargs: object) -> Result:
     """The command's result, whatever its exit code (for tests of refusals)."""
-    from cli import app
+    from conceptclef.cli import app
 
     return _runner.invoke(app, [str(arg) for arg in args], **kwargs)
 

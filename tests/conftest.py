@@ -7,7 +7,6 @@ challenge data contains; tests must treat them as read-only.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _dicom_pixels(name: str) -> np.ndarray:
@@ -68,7 +65,7 @@ def real_radiology_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo dataset (seed 0) shared by the tests that only read it."""
-    from data.demo import make_demo_dataset
+    from conceptclef.data.demo import make_demo_dataset
 
     out = tmp_path_factory.mktemp("demo") / "DATA"
     make_demo_dataset(out, n_train=140, n_valid=70, n_test=50, seed=0, image_size=64)

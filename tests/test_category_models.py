@@ -10,12 +10,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from category_models import ConceptModel
-from category_models.model import sample_f1_at_threshold
-from core.config import load_config
-from scoring.f1 import sample_f1
-from training.losses import LOSS_NAMES
-from training.synthetic import class_concepts, colour_coded_images
+from conceptclef.category_models import ConceptModel
+from conceptclef.category_models.model import sample_f1_at_threshold
+from conceptclef.core.config import load_config
+from conceptclef.scoring.f1 import sample_f1
+from conceptclef.training.losses import LOSS_NAMES
+from conceptclef.training.synthetic import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from data.concepts import read_concept_file
-from data.submission import write_submission
+from conceptclef.cli import app
+from conceptclef.data.concepts import read_concept_file
+from conceptclef.data.submission import write_submission
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import Config, ConfigError, apply_overrides, load_config, save_config
+from conceptclef.core.config import Config, ConfigError, apply_overrides, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

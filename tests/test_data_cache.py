@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.cache as cache_module
-from data.cache import ImageCache
-from data.errors import ImageReadError
+import conceptclef.data.cache as cache_module
+from conceptclef.data.cache import ImageCache
+from conceptclef.data.errors import ImageReadError
 
 
 def make_images(folder: Path, count: int) -> list[Path]:

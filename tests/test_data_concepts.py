@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data.concepts import read_category_file, read_concept_file, read_concept_rows, read_cui_list
-from data.errors import ConceptFileError, DataError
+from conceptclef.data.concepts import read_category_file, read_concept_file, read_concept_rows, read_cui_list
+from conceptclef.data.errors import ConceptFileError, DataError
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.concepts import read_category_file, read_concept_file
-from data.demo import FINDING_CUIS, MODALITIES, make_demo_dataset
-from data.errors import DataError
-from data.images import load_resized_array
-from data.layout import discover_categories, list_image_folder, load_split
+from conceptclef.data.concepts import read_category_file, read_concept_file
+from conceptclef.data.demo import FINDING_CUIS, MODALITIES, make_demo_dataset
+from conceptclef.data.errors import DataError
+from conceptclef.data.images import load_resized_array
+from conceptclef.data.layout import discover_categories, list_image_folder, load_split
 
 
 def test_layout_loads_with_load_split(demo_dataset: Path) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import ImageReadError
-from data.images import load_image, load_resized_array, to_rgb
+from conceptclef.data.errors import ImageReadError
+from conceptclef.data.images import load_image, load_resized_array, to_rgb
 
 MODES = {
     "ct_gray_jpeg": "L",

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.errors import ConceptFileError, DataError
-from data.layout import discover_categories, find_concept_file, list_image_folder, load_split
+from conceptclef.data.errors import ConceptFileError, DataError
+from conceptclef.data.layout import discover_categories, find_concept_file, list_image_folder, load_split
 
 
 def make_image(path: Path) -> Path:

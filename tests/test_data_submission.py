@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import SubmissionError
-from data.submission import read_submission, validate_submission, write_submission
+from conceptclef.data.errors import SubmissionError
+from conceptclef.data.submission import read_submission, validate_submission, write_submission
 
 PREDICTIONS = {"img1": ["C0040405", "c0817096"], "img2": [], "img3": ["C1306645"]}
 IDS = ["img1", "img2", "img3"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data.errors import DataError
-from data.vocabulary import ConceptVocabulary
+from conceptclef.data.errors import DataError
+from conceptclef.data.vocabulary import ConceptVocabulary
 
 LISTS = [["C0000003", "C0000001"], ["c0000001", "C0000001"], ["C0000002", "C0000001"], []]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.demo import FINDING_CUIS, MODALITIES, rare_pool, sample_demo_images, visible_concept_probabilities
-from data.errors import DataError
-from pipeline.demo_ceiling import demo_ceiling
+from conceptclef.data.demo import FINDING_CUIS, MODALITIES, rare_pool, sample_demo_images, visible_concept_probabilities
+from conceptclef.data.errors import DataError
+from conceptclef.pipeline.demo_ceiling import demo_ceiling
 
 
 def test_visible_probabilities_follow_the_story():

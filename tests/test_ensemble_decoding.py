@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from core.config import EnsembleConfig
-from ensemble.decoding import ExpectedF1Decoder, choose_decision_rule, load_decision, save_decision
-from ensemble.thresholds import ConceptThresholdTuner
-from scoring.f1 import mean_sample_f1_sparse
+from conceptclef.core.config import EnsembleConfig
+from conceptclef.ensemble.decoding import ExpectedF1Decoder, choose_decision_rule, load_decision, save_decision
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner
+from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
 
 def rows_to_csr(rows: list[list[float]]) -> sp.csr_matrix:

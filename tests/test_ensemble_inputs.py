@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from ensemble.inputs import StackingInputs, project_to_columns
-from ensemble.mixing import mixture_at, mixture_block, routed_at, routed_block
-from ensemble.sparse_ops import (
+from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
+from conceptclef.ensemble.mixing import mixture_at, mixture_block, routed_at, routed_block
+from conceptclef.ensemble.sparse_ops import (
     descending_rank_within_rows,
     gather,
     limit_labels_per_row,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ensemble.knn import NearestNeighbourScorer
+from conceptclef.ensemble.knn import NearestNeighbourScorer
 
 
 def brute_force_scores(train: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

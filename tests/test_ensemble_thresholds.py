@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from ensemble.sparse_ops import as_score_csr
-from ensemble.thresholds import ConceptThresholdTuner, concept_gain_curve, tune_global_threshold
-from scoring.f1 import mean_sample_f1_sparse, per_image_f1_sparse
+from conceptclef.ensemble.sparse_ops import as_score_csr
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner, concept_gain_curve, tune_global_threshold
+from conceptclef.scoring.f1 import mean_sample_f1_sparse, per_image_f1_sparse
 
 
 def shifted_concepts(n: int = 800, seed: int = 0):
@@ -155,7 +155,7 @@ def test_tied_probabilities_across_neighbouring_concepts_do_not_break_fit():
     import numpy as np
     import scipy.sparse as sp
 
-    from ensemble.thresholds import ConceptThresholdTuner
+    from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 
     probs = sp.csr_matrix(np.array([[0.3, 0.3, 0.0], [0.3, 0.3, 0.9], [0.3, 0.0, 0.9]]))
     truth = sp.csr_matrix(np.array([[1, 0, 0], [0, 1, 1], [1, 0, 1]]))

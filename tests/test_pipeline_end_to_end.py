@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from cli_helpers import REPO, TEST_CONFIG, invoke, run_cli, train
-from data.demo import make_demo_dataset
-from router import ModalityRouter
+from conceptclef.data.demo import make_demo_dataset
+from conceptclef.router import ModalityRouter
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from cli_helpers import TEST_CONFIG, invoke, train
-from core.config import load_config
-from data.demo import make_demo_dataset
-from data.errors import DataError
-from pipeline.datasets import UNCATEGORISED, load_training_sets
-from router import ModalityRouter, SingleCategoryRouter, router_class_for
+from conceptclef.core.config import load_config
+from conceptclef.data.demo import make_demo_dataset
+from conceptclef.data.errors import DataError
+from conceptclef.pipeline.datasets import UNCATEGORISED, load_training_sets
+from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
 
 
 

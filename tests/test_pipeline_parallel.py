@@ -16,7 +16,7 @@ import torch
 # Spawned workers import this module to unpickle the toy jobs below: the pipeline (timm,
 # LightGBM, ...) is imported inside the tests that use it, so that a toy worker starts quickly.
 from cli_helpers import TEST_CONFIG, invoke, run_cli, train
-from pipeline.parallel import ParallelTrainingError, run_on_devices, threads_per_worker
+from conceptclef.pipeline.parallel import ParallelTrainingError, run_on_devices, threads_per_worker
 
 CATEGORIES = ["DRAN", "DRCO", "DRCT", "DRMR", "DRPE", "DRUS", "DRXR"]
 # Workers use 1 CPU thread each where the sequential run uses every core, so float reductions run
@@ -26,7 +26,7 @@ TOLERANCE = 1e-4
 pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from data.demo import make_demo_dataset
+    from conceptclef.data.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("parallel-data")
     make_demo_dataset(root / "data", n_train=140, n_valid=70, n_test=40, seed=0, image_size=48)
@@ -55,7 +55,7 @@ def base_models(run: Path) -> list[Path]:
 
 
 def test_parallel_run_trains_every_model_and_keeps_a_consistent_manifest(parallel_run, sequential_run):
-    from data.vocabulary import ConceptVocabulary
+    from conceptclef.data.vocabulary import ConceptVocabulary
 
     manifest = json.loads((parallel_run / "manifest.json").read_text())
     assert manifest["categories"] == CATEGORIES
@@ -126,7 +126,7 @@ def test_devices_under_torchrun_are_refused(demo, tmp_path, monkeypatch):
 
 
 def test_jobs_start_largest_first():
-    from pipeline.train_all import ModelJob, largest_first
+    from conceptclef.pipeline.train_all import ModelJob, largest_first
 
     jobs = [ModelJob("DRAN", None, 11), ModelJob("router", None, 140), ModelJob("DRCT", None, 39), ModelJob("global", None, 140)]
     assert [job.name for job in largest_first(jobs)] == ["global", "router", "DRCT", "DRAN"]

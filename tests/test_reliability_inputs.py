@@ -27,15 +27,15 @@ import pytest
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
-from cli import app
-from core.config import load_config
-from data.concepts import read_concept_file
-from data.demo import make_demo_dataset
-from data.errors import ConceptFileError
-from data.images import load_resized_array
-from data.submission import write_submission
-from pipeline.datasets import load_training_sets
-from pipeline.evaluate import evaluate_submission, validate_submission_file
+from conceptclef.cli import app
+from conceptclef.core.config import load_config
+from conceptclef.data.concepts import read_concept_file
+from conceptclef.data.demo import make_demo_dataset
+from conceptclef.data.errors import ConceptFileError
+from conceptclef.data.images import load_resized_array
+from conceptclef.data.submission import write_submission
+from conceptclef.pipeline.datasets import load_training_sets
+from conceptclef.pipeline.evaluate import evaluate_submission, validate_submission_file
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / "configs" / "test.toml"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import load_config
-from router import ModalityRouter
-from router.model import accuracy, confusion_matrix
-from training.synthetic import colour_coded_images
+from conceptclef.core.config import load_config
+from conceptclef.router import ModalityRouter
+from conceptclef.router.model import accuracy, confusion_matrix
+from conceptclef.training.synthetic import colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")

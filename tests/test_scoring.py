@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.errors import SubmissionError
-from data.submission import write_submission
-from data.vocabulary import ConceptVocabulary
-from pipeline.evaluate import evaluate_submission
-from scoring.f1 import image_f1, mean_sample_f1_sparse, per_image_f1_sparse, sample_f1
+from conceptclef.data.errors import SubmissionError
+from conceptclef.data.submission import write_submission
+from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.pipeline.evaluate import evaluate_submission
+from conceptclef.scoring.f1 import image_f1, mean_sample_f1_sparse, per_image_f1_sparse, sample_f1
 
 A, B, C, D = "C0000001", "C0000002", "C0000003", "C0000004"
 

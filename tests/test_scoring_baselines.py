@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scoring.baselines import best_most_frequent_k, majority_class_accuracy, most_frequent_concepts_f1, most_frequent_predictions
+from conceptclef.scoring.baselines import best_most_frequent_k, majority_class_accuracy, most_frequent_concepts_f1, most_frequent_predictions
 
 
 def test_most_frequent_concepts_picks_the_best_k_by_hand():

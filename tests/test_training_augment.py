@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from core.config import AugmentConfig
-from training.augment import BatchAugmenter, build_augmenter
+from conceptclef.core.config import AugmentConfig
+from conceptclef.training.augment import BatchAugmenter, build_augmenter
 
 
 def test_augmented_batch_keeps_shape_and_uint8_dtype():

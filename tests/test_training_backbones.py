@@ -13,8 +13,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from training.backbones import create_network, layer_groups, unfreeze_top_groups
-from training.weights import WeightsError, lite_package_to_timm, lite_package_weight_file
+from conceptclef.training.backbones import create_network, layer_groups, unfreeze_top_groups
+from conceptclef.training.weights import WeightsError, lite_package_to_timm, lite_package_weight_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,8 +97,8 @@ def test_missing_or_unreadable_weight_files_are_errors(tmp_path):
 @pytest.mark.timeout(120)
 def test_hub_weights_offline_fail_fast_with_a_clear_error(tmp_path):
     script = (
-        "from training.backbones import create_network\n"
-        "from training.weights import WeightsError\n"
+        "from conceptclef.training.backbones import create_network\n"
+        "from conceptclef.training.weights import WeightsError\n"
         "try:\n"
         "    create_network('test_resnet', 'timm-hub', 3, 0.0)\n"
         "except WeightsError as error:\n"

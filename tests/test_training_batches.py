@@ -6,9 +6,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from core.config import AugmentConfig
-from training.augment import BatchAugmenter
-from training.batches import FeatureBatches, ImageBatches, batch_loader, batch_sampler, targets_for
+from conceptclef.core.config import AugmentConfig
+from conceptclef.training.augment import BatchAugmenter
+from conceptclef.training.batches import FeatureBatches, ImageBatches, batch_loader, batch_sampler, targets_for
 
 
 class RowsOnly:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.config import load_config
+from conceptclef.core.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -19,23 +19,21 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script by torchrun
-    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import training.checkpoints  # noqa: E402
-from category_models import ConceptModel  # noqa: E402
-from core.config import AugmentConfig, load_config  # noqa: E402
-from router import ModalityRouter  # noqa: E402
-from training import distributed  # noqa: E402
-from training.backbones import create_network  # noqa: E402
-from training.batches import ImageBatches, batch_loader, batch_sampler, training_batch_sizes  # noqa: E402
-from training.distributed import Shard, SyncBatchNormSwap, shard_indices  # noqa: E402
-from training.inference import DeviceSettings, assemble, run_forward  # noqa: E402
-from training.synthetic import class_concepts, colour_coded_images  # noqa: E402
+import conceptclef.training.checkpoints  # noqa: E402
+from conceptclef.category_models import ConceptModel  # noqa: E402
+from conceptclef.core.config import AugmentConfig, load_config  # noqa: E402
+from conceptclef.router import ModalityRouter  # noqa: E402
+from conceptclef.training import distributed  # noqa: E402
+from conceptclef.training.backbones import create_network  # noqa: E402
+from conceptclef.training.batches import ImageBatches, batch_loader, batch_sampler, training_batch_sizes  # noqa: E402
+from conceptclef.training.distributed import Shard, SyncBatchNormSwap, shard_indices  # noqa: E402
+from conceptclef.training.inference import DeviceSettings, assemble, run_forward  # noqa: E402
+from conceptclef.training.synthetic import class_concepts, colour_coded_images  # noqa: E402
 
 CONFIG = load_config(ROOT / "configs" / "test.toml")
 SIZE = CONFIG.data.image_size
@@ -150,13 +148,13 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
 def _count_file_writes(counts: dict[str, int]) -> None:
     """Count every run-file write of this process (the loop writes only through these three)."""
     for name in ("atomic_output", "atomic_write_json", "atomic_write_text"):
-        original = getattr(training.checkpoints, name)
+        original = getattr(conceptclef.training.checkpoints, name)
 
         def counted(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
             counts["writes"] += 1
             return _original(*args, **kwargs)
 
-        setattr(training.checkpoints, name, counted)
+        setattr(conceptclef.training.checkpoints, name, counted)
 
 
 def worker_main(out: Path) -> None:

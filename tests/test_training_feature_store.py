@@ -12,22 +12,22 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from category_models import ConceptModel
-from core.config import load_config
-from pipeline.datasets import SubsetImages
-from router import ModalityRouter
-from training.backbones import ImageClassifier, create_network
-from training.batches import ImageBatches, batch_loader
-from training.feature_store import (
+from conceptclef.category_models import ConceptModel
+from conceptclef.core.config import load_config
+from conceptclef.pipeline.datasets import SubsetImages
+from conceptclef.router import ModalityRouter
+from conceptclef.training.backbones import ImageClassifier, create_network
+from conceptclef.training.batches import ImageBatches, batch_loader
+from conceptclef.training.feature_store import (
     ExtractionSettings,
     FeatureStore,
     compute_features,
     extractor_identity,
     image_source,
 )
-from training.inference import DeviceSettings, run_forward, to_probabilities
-from training.runtime import seed_everything
-from training.synthetic import class_concepts, colour_coded_images
+from conceptclef.training.inference import DeviceSettings, run_forward, to_probabilities
+from conceptclef.training.runtime import seed_everything
+from conceptclef.training.synthetic import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")
@@ -229,11 +229,10 @@ def test_features_on_disk_serve_a_new_process(tmp_path, data):
     FeatureStore(directory=tmp_path / "features").features(network, data["valid"], EXTRACTION)
     script = f"""
 import sys, numpy as np, torch
-sys.path.insert(0, {str(ROOT)!r})
-from training.backbones import create_network
-from training.feature_store import ExtractionSettings, FeatureStore
-from training.inference import DeviceSettings
-from training.runtime import seed_everything
+from conceptclef.training.backbones import create_network
+from conceptclef.training.feature_store import ExtractionSettings, FeatureStore
+from conceptclef.training.inference import DeviceSettings
+from conceptclef.training.runtime import seed_everything
 seed_everything(0)
 network = create_network("test_resnet", "none", 3, 0.0).eval()
 store = FeatureStore(directory={str(tmp_path / "features")!r})

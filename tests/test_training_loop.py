@@ -12,12 +12,12 @@ import pytest
 import timm
 import torch
 
-from category_models import ConceptModel
-from core.config import load_config
-from router import ModalityRouter
-from training.backbones import ImageClassifier
-from training.checkpoints import CheckpointError
-from training.synthetic import class_concepts, colour_coded_images
+from conceptclef.category_models import ConceptModel
+from conceptclef.core.config import load_config
+from conceptclef.router import ModalityRouter
+from conceptclef.training.backbones import ImageClassifier
+from conceptclef.training.checkpoints import CheckpointError
+from conceptclef.training.synthetic import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from conceptclef.training.losses import (
     LOSS_NAMES,
     AsymmetricLoss,
     SoftF1Loss,

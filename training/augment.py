@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from core.config import AugmentConfig
+from conceptclef.core.config import AugmentConfig
 
 
 class BatchAugmenter:

@@ -18,7 +18,7 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from training.weights import (
+from conceptclef.training.weights import (
     HUB_WEIGHTS,
     LITE_PACKAGE_WEIGHTS,
     NO_WEIGHTS,

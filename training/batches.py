@@ -27,9 +27,9 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-from training.augment import BatchAugmenter
-from training.distributed import SINGLE, Shard, shard_bounds, shard_indices
-from training.runtime import process_seed
+from conceptclef.training.augment import BatchAugmenter
+from conceptclef.training.distributed import SINGLE, Shard, shard_bounds, shard_indices
+from conceptclef.training.runtime import process_seed
 
 Targets = sp.spmatrix | np.ndarray | None
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from core.runfiles import atomic_output, atomic_write_json, atomic_write_text, read_json
+from conceptclef.core.runfiles import atomic_output, atomic_write_json, atomic_write_text, read_json
 
 BEST_FILE = "checkpoint.pt"
 RESUME_FILE = "resume.pt"

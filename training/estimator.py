@@ -29,15 +29,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from core.config import AugmentConfig, TrainingConfig
-from training import distributed
-from training.backbones import ImageClassifier, create_network
-from training.batches import ImageBatches, Targets, batch_loader, check_images
-from training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
-from training.feature_store import ExtractionSettings, FeatureStore, head_probabilities, shared_feature_store
-from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
-from training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
-from training.runtime import progress_enabled, resolve_device, seed_everything
+from conceptclef.core.config import AugmentConfig, TrainingConfig
+from conceptclef.training import distributed
+from conceptclef.training.backbones import ImageClassifier, create_network
+from conceptclef.training.batches import ImageBatches, Targets, batch_loader, check_images
+from conceptclef.training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
+from conceptclef.training.feature_store import ExtractionSettings, FeatureStore, head_probabilities, shared_feature_store
+from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
+from conceptclef.training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
+from conceptclef.training.runtime import progress_enabled, resolve_device, seed_everything
 
 log = logging.getLogger("conceptclef")
 

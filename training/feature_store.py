@@ -61,12 +61,12 @@ import numpy as np
 import timm
 import torch
 
-from core.config import DataConfig
-from core.runfiles import atomic_save_arrays, load_arrays
-from training import distributed
-from training.backbones import ImageClassifier
-from training.batches import ImageBatches, batch_loader
-from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
+from conceptclef.core.config import DataConfig
+from conceptclef.core.runfiles import atomic_save_arrays, load_arrays
+from conceptclef.training import distributed
+from conceptclef.training.backbones import ImageClassifier
+from conceptclef.training.batches import ImageBatches, batch_loader
+from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 
 log = logging.getLogger("conceptclef")
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.distributed import SINGLE, Shard, all_gather_rows
+from conceptclef.training.distributed import SINGLE, Shard, all_gather_rows
 
 Activation = Literal["softmax", "sigmoid"]
 

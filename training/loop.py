@@ -46,12 +46,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.config import TrainingConfig
-from training import distributed
-from training.augment import build_augmenter
-from training.backbones import ImageClassifier, layer_groups, train_mode_except_frozen, unfreeze_top_groups
-from training.batches import FeatureBatches, ImageBatches, Targets, batch_loader, training_batch_sizes
-from training.checkpoints import (
+from conceptclef.core.config import TrainingConfig
+from conceptclef.training import distributed
+from conceptclef.training.augment import build_augmenter
+from conceptclef.training.backbones import ImageClassifier, layer_groups, train_mode_except_frozen, unfreeze_top_groups
+from conceptclef.training.batches import FeatureBatches, ImageBatches, Targets, batch_loader, training_batch_sizes
+from conceptclef.training.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
     RunFiles,
@@ -59,9 +59,9 @@ from training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.feature_store import ExtractionSettings, FeatureStore, compute_features
-from training.inference import Activation, DeviceSettings, run_forward, to_probabilities
-from training.runtime import (
+from conceptclef.training.feature_store import ExtractionSettings, FeatureStore, compute_features
+from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
+from conceptclef.training.runtime import (
     capture_rng_state,
     epoch_seed,
     make_repeatable,

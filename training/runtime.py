@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 
-from training.distributed import device_for_process, is_main_process
+from conceptclef.training.distributed import device_for_process, is_main_process
 
 PROGRESS_ENV = "CONCEPTCLEF_PROGRESS"  # "0" hides progress bars even on a terminal
 
