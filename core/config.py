@@ -8,6 +8,7 @@ typo in a config would otherwise cost hours of training with the default value.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import tomllib
 import types
@@ -24,13 +25,48 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Check:
+    """Limits of one config value, checked at load so a bad value fails before any work starts.
+
+    A new field gets checks by declaring them, e.g. `epochs: int = checked(10, ge=1)`; `le_key`
+    names another key of the same section that this value may not exceed.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    le_key: str | None = None
+    pattern: str | None = None  # a regular expression the whole string must match
+    why: str = ""  # shown after the error, when the limit is not self-explanatory
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value`, or None."""
+        if self.pattern is not None and isinstance(value, str) and not re.fullmatch(self.pattern, value):
+            return f"must match {self.pattern}"
+        limits = [(self.ge, ">=", operator.ge), (self.gt, ">", operator.gt), (self.le, "<=", operator.le), (self.lt, "<", operator.lt)]
+        for limit, sign, holds in limits:
+            if limit is not None and not holds(value, limit):
+                return f"must be {sign} {limit:g}"
+        return None
+
+
+CHECK = "check"  # the dataclasses.field metadata key holding a Check
+
+
+def checked(default: Any, **limits: Any) -> Any:
+    """A dataclass field with a default and the limits of a Check (see Check)."""
+    return field(default=default, metadata={CHECK: Check(**limits)})
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Geometric augmentation used by the published ImageCLEF systems."""
 
     horizontal_flip: bool = True
-    rotation_degrees: float = 10.0
-    zoom: float = 0.1  # random scale in [1 - zoom, 1 + zoom]
-    shear_degrees: float = 5.0
+    rotation_degrees: float = checked(10.0, ge=0, le=180)
+    zoom: float = checked(0.1, ge=0, lt=1)  # random scale in [1 - zoom, 1 + zoom]
+    shear_degrees: float = checked(5.0, ge=0, lt=90)
 
 
 @dataclass(frozen=True)
@@ -45,15 +81,15 @@ class TrainingConfig:
     loss: Literal["bce", "soft_f1", "sf1_x_bce", "sf1_plus_bce", "asymmetric"] = "bce"
     class_weights: bool = False
     optimizer: Literal["adamw", "nadam"] = "adamw"
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    epochs: int = 10
-    early_stopping_patience: int = 3
-    lr_reduce_patience: int = 1
-    lr_reduce_factor: float = 0.3
-    unfreeze_every_epochs: int = 1  # layerwise: one more block of the backbone per this many epochs
-    drop_rate: float = 0.2
+    learning_rate: float = checked(1e-3, gt=0)
+    weight_decay: float = checked(1e-4, ge=0)
+    batch_size: int = checked(32, ge=1)
+    epochs: int = checked(10, ge=1)
+    early_stopping_patience: int = checked(3, ge=0)  # 0: never stop early
+    lr_reduce_patience: int = checked(1, ge=0)
+    lr_reduce_factor: float = checked(0.3, gt=0, le=1)
+    unfreeze_every_epochs: int = checked(1, ge=1)  # layerwise: one more block of the backbone per this many epochs
+    drop_rate: float = checked(0.2, ge=0, lt=1)
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -63,13 +99,13 @@ class TrainingConfig:
 class DataConfig:
     """How images and concept files are read and turned into tensors and label matrices."""
 
-    image_size: int = 224
+    image_size: int = checked(224, ge=1)
     cache_dir: str = ""  # empty: DATA/.cache
     skip_bad_images: bool = False
-    min_concept_count: int = 1  # CUIs seen fewer times in train are left out of a vocabulary
-    min_category_images: int = 50  # fewer training images: the category uses the global model
-    num_workers: int = 0
-    validation_fraction: float = 0.1  # used when the data has no valid split
+    min_concept_count: int = checked(1, ge=1)  # CUIs seen fewer times in train are left out of a vocabulary
+    min_category_images: int = checked(50, ge=0)  # fewer training images: the category uses the global model
+    num_workers: int = checked(0, ge=0)
+    validation_fraction: float = checked(0.1, gt=0, lt=1)  # used when the data has no valid split
     # Frozen-backbone features (finetune = "head") shared by every model of a process
     # (training.feature_store): "disk" also keeps them in files so reruns skip the backbone,
     # "memory" only within a process, "off" lets each model compute its own.
@@ -81,18 +117,18 @@ class DataConfig:
 class EnsembleConfig:
     """The LightGBM stacker over (image, candidate concept) pairs and the decision rule."""
 
-    candidates_per_model: int = 30  # top-k of each model (and of kNN) forms the candidate set
-    folds: int = 5  # K-fold cross-fitting on validation images
-    knn_neighbours: int = 10
-    num_leaves: int = 31
-    n_estimators: int = 300  # boosting rounds (at most, with choose_rounds)
+    candidates_per_model: int = checked(30, ge=1)  # top-k of each model (and of kNN) forms the candidate set
+    folds: int = checked(5, ge=2)  # K-fold cross-fitting on validation images
+    knn_neighbours: int = checked(10, ge=1)
+    num_leaves: int = checked(31, ge=2)
+    n_estimators: int = checked(300, ge=1)  # boosting rounds (at most, with choose_rounds)
     choose_rounds: bool = True  # cross-fitting keeps the round count with the lowest held-out log-loss
-    rounds_patience: int = 100  # with choose_rounds, a fold stops after this many rounds without a lower loss
-    learning_rate: float = 0.05
-    min_child_samples: int = 20
-    threshold_prior_strength: float = 10.0  # rare concepts shrink toward the global threshold
-    min_labels: int = 1
-    max_labels: int = 100
+    rounds_patience: int = checked(100, ge=1)  # with choose_rounds, a fold stops after this many rounds without a lower loss
+    learning_rate: float = checked(0.05, gt=0)
+    min_child_samples: int = checked(20, ge=1)
+    threshold_prior_strength: float = checked(10.0, ge=0)  # rare concepts shrink toward the global threshold
+    min_labels: int = checked(1, ge=0, le_key="max_labels")
+    max_labels: int = checked(100, ge=1, le=100, why="the official checker allows 1 to 100 concepts per image")
     decision_rule: Literal["auto", "thresholds", "expected_f1"] = "auto"
 
 
@@ -100,8 +136,8 @@ class EnsembleConfig:
 class Config:
     """Everything a run needs; written resolved into the run directory."""
 
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = checked(0, ge=0, lt=2**32, why="numpy seeds are unsigned 32-bit")
+    device: str = checked("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?", why="auto, cpu, mps, cuda or cuda:N")
     data: DataConfig = field(default_factory=DataConfig)
     router: TrainingConfig = field(default_factory=TrainingConfig)
     global_model: TrainingConfig = field(default_factory=TrainingConfig)
@@ -130,9 +166,14 @@ def load_config(path: str | Path | None) -> Config:
     return config_from_dict(raw, source=path, text=text)
 
 
-def config_from_dict(raw: dict[str, Any], source: str | Path = "<config>", text: str = "") -> Config:
-    """Build a Config from plain data, checking every key and type."""
-    return _build(Config, raw, (), str(source), text)
+def config_from_dict(
+    raw: dict[str, Any], source: str | Path = "<config>", text: str = "", overrides: dict[tuple[str, ...], str] | None = None
+) -> Config:
+    """Build a Config from plain data, checking every key, type, limit and relation.
+
+    `overrides` maps a key path to the `--set` text that gave it, so an error names the override.
+    """
+    return _build(Config, raw, (), _Origin(str(source), text, overrides or {}))
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -145,6 +186,7 @@ def save_config(config: Config, path: str | Path) -> None:
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply `section.key=value` overrides (TOML values) from the command line."""
     raw = config.to_dict()
+    given: dict[tuple[str, ...], str] = {}
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r}: expected section.key=value")
@@ -162,7 +204,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if leaf not in target:
             raise ConfigError(f"override {override!r}: unknown key {leaf!r}")
         target[leaf] = value
-    return config_from_dict(raw, source="command-line overrides")
+        given[(*parents, leaf)] = override
+    return config_from_dict(raw, source="command-line overrides", overrides=given)
 
 
 def _line_of(text: str, key_path: tuple[str, ...]) -> int | None:
@@ -189,34 +232,76 @@ def _line_of(text: str, key_path: tuple[str, ...]) -> int | None:
     return None
 
 
-def _where(source: str, text: str, key_path: tuple[str, ...]) -> str:
-    line = _line_of(text, key_path)
-    return f"{source}:{line}" if line else source
+def locate_key(path: str | Path, key_path: tuple[str, ...]) -> str:
+    """`file:line` of a key in a config file (for checks that need the data, made after loading)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig") if path.is_file() else ""
+    return _Origin(str(path), text, {}).where(key_path)
 
 
-def _build(cls: type, raw: Any, key_path: tuple[str, ...], source: str, text: str) -> Any:
+@dataclass(frozen=True)
+class _Origin:
+    """Where the values being built come from: a file's text, and the --set overrides."""
+
+    source: str
+    text: str
+    overrides: dict[tuple[str, ...], str]
+
+    def where(self, *key_paths: tuple[str, ...]) -> str:
+        """The override that set one of the keys, else the file and line of the first."""
+        for key_path in key_paths:
+            if key_path in self.overrides:
+                return f"--set {self.overrides[key_path]}"
+        line = _line_of(self.text, key_paths[0])
+        return f"{self.source}:{line}" if line else self.source
+
+
+def _build(cls: type, raw: Any, key_path: tuple[str, ...], origin: _Origin) -> Any:
     name = ".".join(key_path) or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source, text, key_path)}: [{name}] must be a table")
+        raise ConfigError(f"{origin.where(key_path)}: [{name}] must be a table")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         path = key_path + (key,)
-        if key not in known:
+        if key not in fields:
             raise ConfigError(
-                f"{_where(source, text, path)}: unknown key {'.'.join(path)!r}; "
-                f"known keys in [{name}]: {', '.join(sorted(known))}"
+                f"{origin.where(path)}: unknown key {'.'.join(path)!r}; "
+                f"known keys in [{name}]: {', '.join(sorted(fields))}"
             )
-        values[key] = _coerce(hints[key], value, path, source, text)
-    return cls(**values)
+        values[key] = _coerce(hints[key], value, path, origin)
+    built = cls(**values)
+    _check_limits(built, fields.values(), key_path, origin)
+    return built
 
 
-def _coerce(hint: Any, value: Any, path: tuple[str, ...], source: str, text: str) -> Any:
-    where = _where(source, text, path)
+def _check_limits(built: Any, fields: Any, key_path: tuple[str, ...], origin: _Origin) -> None:
+    """Every field's declared Check, defaults included; each value's own limits before relations."""
+    checks = [(item.name, item.metadata[CHECK]) for item in fields if CHECK in item.metadata]
+    for name, check in checks:
+        value = getattr(built, name)
+        problem = check.problem(value)
+        if problem is not None:
+            reason = f" ({check.why})" if check.why else ""
+            path = key_path + (name,)
+            raise ConfigError(f"{origin.where(path)}: {'.'.join(path)} = {value!r} {problem}{reason}")
+    for name, check in checks:
+        value = getattr(built, name)
+        if check.le_key is not None and value > getattr(built, check.le_key):
+            path, other = key_path + (name,), key_path + (check.le_key,)
+            # The error points at the override when one of the two came from --set, else at this key.
+            place = (other, path) if other in origin.overrides else (path,)
+            raise ConfigError(
+                f"{origin.where(*place)}: {'.'.join(path)} = {value!r} must be <= {'.'.join(other)} = {getattr(built, check.le_key)!r}"
+            )
+
+
+def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: _Origin) -> Any:
+    where = origin.where(path)
     dotted = ".".join(path)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, source, text)
+        return _build(hint, value, path, origin)
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)

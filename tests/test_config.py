@@ -1,10 +1,12 @@
 """The config object: TOML in, frozen dataclasses out, bad files refused with file and line."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from conceptclef.core.config import Config, ConfigError, apply_overrides, load_config, save_config
+from conceptclef.core import config as config_module
+from conceptclef.core.config import Config, ConfigError, apply_overrides, checked, config_from_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,3 +87,64 @@ def test_overrides_apply_with_types_checked():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     assert isinstance(load_config(path), Config)
+
+
+BAD_VALUES = {
+    # (section, key, value): what the error says about it
+    ("ensemble", "knn_neighbours", "0"): "ensemble.knn_neighbours = 0 must be >= 1",
+    ("ensemble", "folds", "1"): "ensemble.folds = 1 must be >= 2",
+    ("ensemble", "candidates_per_model", "0"): "ensemble.candidates_per_model = 0 must be >= 1",
+    ("ensemble", "learning_rate", "0"): "ensemble.learning_rate = 0.0 must be > 0",
+    ("router", "learning_rate", "-0.001"): "router.learning_rate = -0.001 must be > 0",
+    ("global_model", "batch_size", "0"): "global_model.batch_size = 0 must be >= 1",
+    ("category_model", "epochs", "0"): "category_model.epochs = 0 must be >= 1",
+    ("data", "image_size", "-32"): "data.image_size = -32 must be >= 1",
+    ("ensemble", "max_labels", "0"): "ensemble.max_labels = 0 must be >= 1 (the official checker allows 1 to 100 concepts per image)",
+    ("ensemble", "max_labels", "101"): "ensemble.max_labels = 101 must be <= 100 (the official checker allows 1 to 100 concepts per image)",
+    ("data", "validation_fraction", "1.0"): "data.validation_fraction = 1.0 must be < 1",
+    ("router", "drop_rate", "1.5"): "router.drop_rate = 1.5 must be < 1",
+    ("router.augment", "zoom", "-0.1"): "router.augment.zoom = -0.1 must be >= 0",
+}
+
+
+@pytest.mark.parametrize("section, key, value", sorted(BAD_VALUES), ids=lambda part: str(part))
+def test_out_of_range_value_names_file_line_and_limit(tmp_path, section, key, value):
+    path = write(tmp_path, f"seed = 1\n\n[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}:4: {BAD_VALUES[(section, key, value)]}"
+
+
+@pytest.mark.parametrize("section, key, value", sorted(BAD_VALUES), ids=lambda part: str(part))
+def test_out_of_range_override_names_the_override(section, key, value):
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(Config(), [f"{section}.{key}={value}"])
+    assert str(error.value) == f"--set {section}.{key}={value}: {BAD_VALUES[(section, key, value)]}"
+
+
+def test_min_labels_above_max_labels_is_refused_at_the_key_or_the_override(tmp_path):
+    path = write(tmp_path, "[ensemble]\nmin_labels = 5\nmax_labels = 3\n")
+    with pytest.raises(ConfigError, match=r"run\.toml:2: ensemble\.min_labels = 5 must be <= ensemble\.max_labels = 3$"):
+        load_config(path)
+    base = apply_overrides(Config(), ["ensemble.min_labels=5"])
+    with pytest.raises(ConfigError, match=r"^--set ensemble\.max_labels=4: ensemble\.min_labels = 5 must be <= ensemble\.max_labels = 4$"):
+        apply_overrides(base, ["ensemble.max_labels=4"])
+    assert apply_overrides(base, ["ensemble.max_labels=5"]).ensemble.max_labels == 5  # equal is fine
+
+
+def test_device_must_be_a_known_kind(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.toml:1: device = 'gpu' must match .* \(auto, cpu, mps, cuda or cuda:N\)"):
+        load_config(write(tmp_path, "device = 'gpu'\n"))
+    assert load_config(write(tmp_path, "device = 'cuda:3'\n")).device == "cuda:3"  # whether it exists is checked at start
+
+
+def test_new_fields_get_checks_by_declaring_them():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        warmup_epochs: int = checked(0, ge=0, le_key="epochs")
+        epochs: int = checked(5, ge=1)
+
+    origin = config_module._Origin("x.toml", "[s]\nwarmup_epochs = 9\n", {})
+    with pytest.raises(ConfigError, match=r"^x\.toml:2: s\.warmup_epochs = 9 must be <= s\.epochs = 5$"):
+        config_module._build(Section, {"warmup_epochs": 9}, ("s",), origin)
+    assert config_from_dict({}).ensemble.max_labels == 100  # the defaults pass their own checks

@@ -379,7 +379,7 @@ def test_config_with_wrong_type_names_file_and_line(data: Path, tmp_path: Path) 
 
 def test_override_with_wrong_type_is_refused(data: Path, tmp_path: Path) -> None:
     message = train_all_error(data, tmp_path / "run", "--set", "data.skip_bad_images=maybe")
-    assert message == "error: command-line overrides: data.skip_bad_images must be true or false, got 'maybe'"
+    assert message == "error: --set data.skip_bad_images=maybe: data.skip_bad_images must be true or false, got 'maybe'"
 
 
 # ---------------------------------------------------------------- submissions: validate and evaluate
