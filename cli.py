@@ -92,11 +92,12 @@ def predict(
     images: Path = typer.Option(..., help="Folder of test images."),
     out: Path = typer.Option(..., help="Submission file to write."),
     format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that predict did not write."),
 ) -> None:
     """Write a challenge submission (and per-image probabilities beside it) using only RUN."""
     from conceptclef.pipeline.predict import predict_submission
 
-    summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format)
+    summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from conceptclef.data.errors import ImageReadError
 
@@ -22,6 +22,22 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default MAX_IMAGE_PIXELS (~13k 
 _RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking; with reducing_gap both fast and sharp
 # warnings.catch_warnings is not thread-safe; header parsing is cheap, so serialise just that part.
 _OPEN_LOCK = threading.Lock()
+
+
+def readable_image_extensions() -> tuple[str, ...]:
+    """File extensions of every format this Pillow build can decode, e.g. .jpg, .png, .tif, .webp, .bmp, .gif.
+
+    Taken from Pillow's plugin registry rather than a fixed list, so test images in any format it
+    reads get predictions; identify-only plugins (stubs such as GRIB or HDF5, MPEG) are left out.
+    """
+    Image.init()
+    decodable = {
+        name for name, (factory, _) in Image.OPEN.items()
+        if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)) and name != "MPEG"
+    }
+    extensions = {extension.lower() for extension, name in Image.registered_extensions().items() if name in decodable}
+    common = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")  # named first in messages
+    return tuple(dict.fromkeys([*(e for e in common if e in extensions), *sorted(extensions)]))
 
 
 def open_checked(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -12,6 +12,7 @@ on half a dataset without noticing costs far more than an early error.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,8 +20,11 @@ from pathlib import Path
 
 from conceptclef.data.concepts import read_concept_rows
 from conceptclef.data.errors import ConceptFileError, DataError
+from conceptclef.data.images import readable_image_extensions
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+log = logging.getLogger("conceptclef")
+
+IMAGE_EXTENSIONS = readable_image_extensions()  # every format Pillow reads: .jpg .png .tif .webp .bmp .gif ...
 _SPLIT_ALIASES = {
     "train": ("train", "training"),
     "valid": ("valid", "validation", "val", "dev"),
@@ -72,6 +76,22 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def why_not_an_image(path: Path) -> str:
+    """Why a folder entry is not taken as an image, for the warning that names it."""
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link"
+    if path.is_dir():
+        return "a folder inside a category folder (only one level of folders is read)"
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return "not a regular file"
+    return f"{path.suffix or 'no extension'}: not an image format Pillow reads"
+
+
+def _first_skipped(skipped: list[tuple[Path, str]], shown: int = 5) -> str:
+    listed = ", ".join(f"{path} ({reason})" for path, reason in skipped[:shown])
+    return listed + (f", and {len(skipped) - shown} more" if len(skipped) > shown else "")
+
+
 def list_image_folder(folder: Path | str) -> list[ImageRecord]:
     """Images of a folder sorted by ID: files directly inside (no category) and one level of
     category sub-folders. The same ID twice (e.g. in two categories) is an error."""
@@ -79,17 +99,25 @@ def list_image_folder(folder: Path | str) -> list[ImageRecord]:
     if not folder.is_dir():
         raise DataError(folder, "image folder not found")
     records: list[ImageRecord] = []
+    skipped: list[tuple[Path, str]] = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue  # .cache and other hidden folders
         if entry.is_dir():
-            records.extend(
-                ImageRecord(path.stem, path, entry.name) for path in sorted(entry.iterdir()) if is_image_file(path)
-            )
+            for path in sorted(entry.iterdir()):
+                if is_image_file(path):
+                    records.append(ImageRecord(path.stem, path, entry.name))
+                elif not path.name.startswith("."):
+                    skipped.append((path, why_not_an_image(path)))
         elif is_image_file(entry):
             records.append(ImageRecord(entry.stem, entry, None))
+        else:
+            skipped.append((entry, why_not_an_image(entry)))
+    if skipped and records:
+        log.warning("%s: skipped %d entries that are not readable images: %s", folder, len(skipped), _first_skipped(skipped))
     if not records:
-        raise DataError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or its sub-folders")
+        found = f"; skipped {len(skipped)}: {_first_skipped(skipped)}" if skipped else ""
+        raise DataError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS[:8])}, ... any format Pillow reads) in this folder or its sub-folders{found}")
     seen: dict[str, Path] = {}
     for record in records:
         if record.image_id in seen:

@@ -11,12 +11,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from conceptclef.category_models import ConceptModel
-from conceptclef.core.config import Config
+from conceptclef.core.config import Config, locate_key
 from conceptclef.core.runfiles import atomic_save_arrays
 from conceptclef.data.submission import write_submission
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.datasets import ImageSet, load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.output_paths import check_submission_path, probabilities_path_for
+from conceptclef.pipeline.preflight import check_device_available
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
 from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
@@ -90,13 +92,18 @@ def decisions_to_concepts(decisions: sp.spmatrix, image_ids: list[str], vocabula
     return result
 
 
-def predict_submission(run_dir: Path, images_dir: Path, out_path: Path, submission_format: str = "2020") -> dict:
+def predict_submission(
+    run_dir: Path, images_dir: Path, out_path: Path, submission_format: str = "2020", overwrite: bool = False
+) -> dict:
+    """`overwrite` lets the submission replace a file predict did not write (never one in the run or image folder)."""
     if submission_format not in SUBMISSION_FORMATS:
         raise RunDirectoryError(f"--format {submission_format}: choose 2020 or 2025")
     started = time.perf_counter()
     layout = RunLayout(Path(run_dir))
+    check_submission_path(Path(out_path), {"the run directory": layout.root, "the image folder": Path(images_dir)}, overwrite)
     manifest = Manifest.load(layout)
     config = load_run_config(layout)
+    check_device_available(config.device, locate_key(layout.config_path, ("device",)))
     models = RunModels.load(layout, manifest, config)
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
     image_set, bad = load_unlabelled_set(Path(images_dir), config, layout.cache_dir)
@@ -113,7 +120,7 @@ def write_predictions(
     decisions = ensemble.decider.predict(probs)
     predictions = decisions_to_concepts(decisions, outputs.image_ids, vocabulary, probs)
     write_submission(out_path, predictions, format=submission_format)
-    probabilities_path = out_path.with_name(out_path.name + ".probabilities.npz")
+    probabilities_path = probabilities_path_for(out_path)
     atomic_save_arrays(
         probabilities_path,
         image_ids=np.array(outputs.image_ids),

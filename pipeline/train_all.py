@@ -26,6 +26,7 @@ from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_
 from conceptclef.pipeline.datasets import ImageSet, load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.parallel import check_devices, run_on_devices
+from conceptclef.pipeline.preflight import SettingOrigin, check_data_fits, check_machine
 from conceptclef.pipeline.ranks import barrier, is_main_process
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
 from conceptclef.pipeline.stacking import fit_ensemble_stage
@@ -57,8 +58,11 @@ def train_all(
     layout = RunLayout(Path(run_dir))
     fitted_ensemble = saved_ensemble_config(layout)
     config = resolve_run_config(layout, config_path, overrides)
+    origin = SettingOrigin(config_path, overrides, layout.config_path)
+    check_machine(config, origin, check_device=not devices)  # --devices were checked above
     seed_everything(config.seed)
     train, valid = load_training_sets(Path(data_dir), config)
+    check_data_fits(config, len(valid.records), str(data_dir), origin)
     categories = sorted({str(category) for category in train.categories})
     manifest = _open_manifest(layout, Path(data_dir), categories)
     if fitted_ensemble is not None and fitted_ensemble != config.ensemble and "ensemble" in manifest.finished_stages:

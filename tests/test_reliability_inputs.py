@@ -392,7 +392,10 @@ def test_validate_refuses_an_empty_test_folder(data: Path, tmp_path: Path) -> No
     submission = tmp_path / "run.txt"
     write_submission(submission, read_concept_file(data / "test_concepts.csv"))
     message = cli_error("validate", submission, "--images", empty)
-    assert message == f"error: {empty}: no images (.jpg, .jpeg, .png) in this folder or its sub-folders"
+    assert message == (
+        f"error: {empty}: no images (.jpg, .jpeg, .png, .tif, .tiff, .webp, .bmp, .gif, ... any format Pillow reads) "
+        f"in this folder or its sub-folders; skipped 1: {empty / 'readme.txt'} (.txt: not an image format Pillow reads)"
+    )
 
 
 def test_validate_refuses_101_concepts_and_accepts_100(data: Path, tmp_path: Path) -> None:
@@ -602,8 +605,8 @@ def test_predict_refuses_an_empty_test_folder(messy_run: dict, tmp_path: Path) -
     (empty / "DRCT").mkdir(parents=True)  # a category folder with nothing in it
     out = tmp_path / "submission.tsv"
     out.write_text("synpic1\tC0040405\n")
-    message = cli_error("predict", "--run", messy_run["run"], "--images", empty, "--out", out)
-    assert message == f"error: {empty}: no images (.jpg, .jpeg, .png) in this folder or its sub-folders"
+    message = cli_error("predict", "--run", messy_run["run"], "--images", empty, "--out", out, "--overwrite")
+    assert message == f"error: {empty}: no images (.jpg, .jpeg, .png, .tif, .tiff, .webp, .bmp, .gif, ... any format Pillow reads) in this folder or its sub-folders"
     assert out.read_text() == "synpic1\tC0040405\n"
     assert not out.with_name(out.name + ".probabilities.npz").exists()
 

@@ -1,0 +1,101 @@
+"""Checks that need the machine or the data rather than the config file alone, made before any work.
+
+A config can be well-formed and still unusable here: `cuda:7` on a one-GPU machine, a weights
+file that was moved, a weight package not installed, five stacker folds over three validation
+images. Each would otherwise fail after the run directory was written (so a corrected rerun is
+refused as "a different config") or after hours of training. Every check raises ConfigError
+naming the config file and line, or the `--set` override, that asked for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from conceptclef.core.config import Config, ConfigError, TrainingConfig, locate_key
+
+NETWORK_SECTIONS = ("router", "global_model", "category_model")
+
+
+class SettingOrigin:
+    """Where a resolved config value came from, for errors: a --set override, the config file, or the run."""
+
+    def __init__(self, config_path: Path | None, overrides: Sequence[str] = (), saved_config: Path | None = None) -> None:
+        self.config_path = config_path
+        self.overrides = list(overrides)
+        self.saved_config = saved_config
+
+    def where(self, key_path: tuple[str, ...]) -> str:
+        dotted = ".".join(key_path)
+        for override in reversed(self.overrides):  # the last override of a key wins
+            if override.split("=", 1)[0].strip() == dotted:
+                return f"--set {override}"
+        for path in (self.config_path, self.saved_config):
+            if path is not None and path.is_file():
+                return locate_key(path, key_path)
+        return "default config"
+
+
+def check_machine(config: Config, origin: SettingOrigin, check_device: bool = True) -> None:
+    """The device exists and every network's weight source can be read, before anything is written."""
+    if check_device:
+        check_device_available(config.device, origin.where(("device",)))
+    for section in NETWORK_SECTIONS:
+        check_weight_source(getattr(config, section), section, origin)
+
+
+def check_device_available(device: str, where: str) -> None:
+    """`cuda` needs CUDA, `cuda:N` a visible GPU N (under torchrun each process takes its LOCAL_RANK)."""
+    import torch
+
+    from conceptclef.training import distributed
+
+    kind, _, index = device.partition(":")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{where}: device = {device!r} but this machine has no MPS (Apple GPU); use 'cpu' or 'auto'")
+    if kind != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"{where}: device = {device!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if index and int(index) >= count and not distributed.launched():
+        raise ConfigError(f"{where}: device = {device!r} but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+
+
+def check_weight_source(training: TrainingConfig, section: str, origin: SettingOrigin) -> None:
+    """The backbone exists in timm and its weights can be found, without loading them."""
+    import timm
+
+    from conceptclef.training.weights import HUB_WEIGHTS, LITE_PACKAGE_WEIGHTS, NO_WEIGHTS, WeightsError, is_weight_file, lite_package_weight_file
+
+    if not timm.is_model(training.backbone):
+        where = origin.where((section, "backbone"))
+        raise ConfigError(f"{where}: {section}.backbone = {training.backbone!r} is not a timm model name (see timm.list_models())")
+    where = origin.where((section, "weights"))
+    weights = training.weights
+    if weights in (NO_WEIGHTS, HUB_WEIGHTS):
+        return
+    if weights == LITE_PACKAGE_WEIGHTS:
+        try:
+            lite_package_weight_file(training.backbone)
+        except WeightsError as error:
+            raise ConfigError(f"{where}: {section}.weights: {error}") from None
+        return
+    if not is_weight_file(weights):
+        raise ConfigError(
+            f"{where}: {section}.weights = {weights!r} is not a weight source: use {NO_WEIGHTS!r}, {HUB_WEIGHTS!r}, "
+            f"{LITE_PACKAGE_WEIGHTS!r} or a path ending in .pth, .pt or .safetensors"
+        )
+    if not Path(os.path.expanduser(weights)).is_file():
+        raise ConfigError(f"{where}: {section}.weights = {weights!r}: weight file not found")
+
+
+def check_data_fits(config: Config, n_valid_images: int, valid_name: str, origin: SettingOrigin) -> None:
+    """Stacker cross-fitting deals the validation images into `folds` folds: each needs one image."""
+    folds = config.ensemble.folds
+    if folds > n_valid_images:
+        raise ConfigError(
+            f"{origin.where(('ensemble', 'folds'))}: ensemble.folds = {folds} is more than the {n_valid_images} "
+            f"usable validation images of {valid_name}; lower it or add validation images"
+        )
