@@ -32,3 +32,15 @@ def invoke(*args: object) -> str:
 def train(data: Path, run: Path, *extra: str) -> None:
     """`train-all` with the test config."""
     invoke("train-all", "--data", data, "--out", run, "--config", TEST_CONFIG, *extra)
+
+
+def cli_error(*args: object) -> str:
+    """Run the CLI expecting a user error: exit 2, no traceback, exactly one `error:` line, last."""
+    result = run_cli(*args)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # not an escaped exception
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # tqdm may precede it
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
+from cli_helpers import cli_error
 from conceptclef.cli import app
 from conceptclef.core.config import load_config
 from conceptclef.data.concepts import read_concept_file
@@ -59,18 +60,6 @@ def data(pristine: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "DATA"
     shutil.copytree(pristine, copy, ignore=shutil.ignore_patterns(".cache"))
     return copy
-
-
-def cli_error(*args: object) -> str:
-    """Run the CLI expecting a user error: exit 2, no traceback, exactly one `error:` line, last."""
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)  # not an escaped exception
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]  # tqdm may precede it
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    return errors[0]
 
 
 def cli_ok(*args: object) -> str:
