@@ -96,3 +96,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+IMAGE_FORMATS = (".tif", ".webp", ".bmp", ".gif", ".png", ".jpeg")
+
+
+def write_real_scans_in_formats(real_radiology_images: dict[str, Path], folder: Path, stem: str = "scan") -> dict[str, Path]:
+    """Real scans written once in each format of IMAGE_FORMATS (plus a 16-bit TIFF): suffix -> file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = ["ct_gray_jpeg", "us_rgb_jpeg", "xr_gray_png", "us_palette_png", "us_rgba_png", "us_cmyk_jpeg"]
+    paths = {}
+    for suffix, source in zip(IMAGE_FORMATS, sources):
+        image = Image.open(real_radiology_images[source])
+        if suffix in (".bmp", ".jpeg", ".webp") and image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        path = folder / f"{stem}_{suffix[1:]}{suffix}"
+        image.save(path)
+        paths[suffix] = path
+    deep = folder / f"{stem}_16bit.tiff"
+    Image.open(real_radiology_images["mr_16bit_png"]).save(deep)
+    paths[".tiff"] = deep
+    return paths
+
+
+@pytest.fixture(scope="session")
+def real_radiology_formats(real_radiology_images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Suffix -> a real scan saved in that format (TIFF, WebP, BMP, GIF, PNG, JPEG; .tiff is 16-bit)."""
+    return write_real_scans_in_formats(real_radiology_images, tmp_path_factory.mktemp("formats"))
