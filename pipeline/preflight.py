@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from conceptclef.core.config import Config, ConfigError, TrainingConfig, locate_key
 
@@ -37,11 +37,12 @@ class SettingOrigin:
         return "default config"
 
 
-def check_machine(config: Config, origin: SettingOrigin, check_device: bool = True) -> None:
-    """The device exists and every network's weight source can be read, before anything is written."""
-    if check_device:
+def check_machine(config: Config, origin: SettingOrigin, sections: Iterable[str] = NETWORK_SECTIONS, check_device: bool = True) -> None:
+    """The device exists and the weight source of each network still to train (`sections`) can be read."""
+    sections = [section for section in NETWORK_SECTIONS if section in set(sections)]
+    if sections and check_device:
         check_device_available(config.device, origin.where(("device",)))
-    for section in NETWORK_SECTIONS:
+    for section in sections:
         check_weight_source(getattr(config, section), section, origin)
 
 

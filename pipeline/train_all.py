@@ -59,7 +59,7 @@ def train_all(
     fitted_ensemble = saved_ensemble_config(layout)
     config = resolve_run_config(layout, config_path, overrides)
     origin = SettingOrigin(config_path, overrides, layout.config_path)
-    check_machine(config, origin, check_device=not devices)  # --devices were checked above
+    check_machine(config, origin, _networks_to_train(layout, only), check_device=not devices)  # --devices: checked above
     seed_everything(config.seed)
     train, valid = load_training_sets(Path(data_dir), config)
     check_data_fits(config, len(valid.records), str(data_dir), origin)
@@ -287,6 +287,15 @@ def _decide_category(
     if is_main_process():
         layout.fallback_path(category).unlink(missing_ok=True)
     return vocabulary
+
+
+def _networks_to_train(layout: RunLayout, only: Sequence[str] | None) -> set[str]:
+    """Config sections of the networks this command may still train: all for a new run, none when a
+    resume only re-fits the ensemble (that needs neither the weight files nor the training device)."""
+    if not layout.manifest_path.is_file():
+        return {"router", "global_model", "category_model"}
+    missing = [name for name in _missing_base_models(layout, Manifest.load(layout)) if not only or name in only]
+    return {{"router": "router", "global": "global_model"}.get(name, "category_model") for name in missing}
 
 
 def _missing_base_models(layout: RunLayout, manifest: Manifest) -> list[str]:

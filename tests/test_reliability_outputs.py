@@ -1,0 +1,191 @@
+"""predict never destroys an input or a run, finds output-path problems first, and reads every image format.
+
+`--out DATA/test_concepts.csv` used to replace the ground truth and `--out RUN/manifest.json` the
+run. Now predict refuses to write into the run or the image folder at all, and replaces an existing
+file only when it wrote that file itself (its probabilities file lies beside it) or when asked with
+--overwrite. Path problems are refused before any model is loaded: the fast tests give predict an
+empty run folder, so an error about the run would mean the path was checked too late.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import TEST_CONFIG, cli_error, invoke, train
+from conceptclef.data.demo import make_demo_dataset
+from conftest import write_real_scans_in_formats
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {str(path.relative_to(folder)): (digest(path), path.stat().st_mtime_ns) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def predict(run: Path, images: Path, out: Path, *extra: object) -> str:
+    return invoke("predict", "--run", run, "--images", images, "--out", out, *extra)
+
+
+# ---------------------------------------------------------------- before any model is loaded (fast)
+
+
+@pytest.fixture()
+def empty_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run folder with nothing in it and a test folder: predict fails on the run unless it fails first on --out."""
+    run, images = tmp_path / "run", tmp_path / "test"
+    run.mkdir()
+    images.mkdir()
+    return run, images
+
+
+def test_out_that_is_a_directory_is_refused_first(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, images = empty_run
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    message = cli_error("predict", "--run", run, "--images", images, "--out", folder)
+    assert message == f"error: {folder}: is a directory; give --out a file name, e.g. submission.csv"
+
+
+def test_out_in_a_missing_folder_is_refused_first(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, images = empty_run
+    out = tmp_path / "no-such-folder" / "submission.csv"
+    message = cli_error("predict", "--run", run, "--images", images, "--out", out)
+    assert message == f"error: {out.parent}: folder of --out does not exist; create it first"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_out_in_a_read_only_folder_is_refused_first(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, images = empty_run
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        message = cli_error("predict", "--run", run, "--images", images, "--out", folder / "submission.csv")
+    finally:
+        folder.chmod(0o755)
+    assert message == f"error: {folder}: folder of --out is not writable"
+
+
+def test_out_inside_the_run_or_the_image_folder_is_refused_even_with_overwrite(empty_run: tuple[Path, Path]) -> None:
+    run, images = empty_run
+    for out, role, folder in [(run / "manifest.json", "the run directory", run), (images / "submission.csv", "the image folder", images)]:
+        message = cli_error("predict", "--run", run, "--images", images, "--out", out, "--overwrite")
+        assert message == f"error: {out}: is inside {role} {folder}; predict never writes there: choose another --out"
+    assert not list(run.iterdir()) and not list(images.iterdir())
+
+
+def test_existing_file_predict_did_not_write_is_refused_first(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, images = empty_run
+    truth = tmp_path / "test_concepts.csv"
+    truth.write_text("synpic1\tC0040405\n")
+    message = cli_error("predict", "--run", run, "--images", images, "--out", truth)
+    assert message == (
+        f"error: {truth}: already exists and was not written by predict (no test_concepts.csv.probabilities.npz "
+        "beside it); pass --overwrite to replace it, or choose another --out"
+    )
+    assert truth.read_text() == "synpic1\tC0040405\n"
+
+
+# ---------------------------------------------------------------- with a trained run (slow)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("outputs")
+    data = root / "DATA"
+    make_demo_dataset(data, n_train=60, n_valid=30, n_test=12, seed=1, image_size=48)
+    run = root / "run"
+    train(data, run)
+    return {"data": data, "run": run, "root": root}
+
+
+@pytest.mark.slow
+def test_ground_truth_and_run_files_survive_a_mistyped_out(trained: dict[str, Path], tmp_path: Path) -> None:
+    data, run = trained["data"], trained["run"]
+    truth, before_truth, before_run = data / "test_concepts.csv", digest(data / "test_concepts.csv"), snapshot(run)
+    message = cli_error("predict", "--run", run, "--images", data / "test", "--out", truth)
+    assert message.startswith(f"error: {truth}: already exists and was not written by predict")
+    message = cli_error("predict", "--run", run, "--images", data / "test", "--out", run / "manifest.json", "--overwrite")
+    assert message.startswith(f"error: {run / 'manifest.json'}: is inside the run directory")
+    assert digest(truth) == before_truth and snapshot(run) == before_run
+    assert not (data / "test_concepts.csv.probabilities.npz").exists()
+
+
+@pytest.mark.slow
+def test_predict_replaces_its_own_submission_and_a_user_file_only_when_asked(trained: dict[str, Path], tmp_path: Path) -> None:
+    data, run = trained["data"], trained["run"]
+    out = tmp_path / "submission.csv"
+    predict(run, data / "test", out)
+    first = out.read_text()
+    predict(run, data / "test", out)  # its own file: replaced without --overwrite
+    assert out.read_text() == first
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my notes\n")
+    cli_error("predict", "--run", run, "--images", data / "test", "--out", mine)
+    assert mine.read_text() == "my notes\n"
+    predict(run, data / "test", mine, "--overwrite")
+    assert mine.read_text() == first and (tmp_path / "mine.csv.probabilities.npz").is_file()
+
+
+@pytest.mark.slow
+def test_predict_covers_test_images_in_every_format_pillow_reads(
+    trained: dict[str, Path], real_radiology_images: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "test"
+    shutil.copytree(trained["data"] / "test", folder)
+    scans = write_real_scans_in_formats(real_radiology_images, folder)
+    (folder / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "submission.csv"
+    summary = predict(trained["run"], folder, out)
+    expected = len(list((trained["data"] / "test").iterdir())) + len(scans)
+    assert f'"images": {expected}' in summary
+    predicted = {line.split("\t")[0] for line in out.read_text().splitlines()}
+    assert {path.stem for path in scans.values()} <= predicted and len(predicted) == expected
+    assert invoke("validate", out, "--images", folder).strip().endswith(f"valid ({expected} images)")
+
+
+@pytest.mark.slow
+def test_bad_weights_on_an_existing_run_fail_in_one_line_and_the_run_still_predicts_identically(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    before_out = tmp_path / "before.csv"
+    predict(run, trained["data"] / "test", before_out)
+    before = {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")}
+    config = tmp_path / "weights.toml"
+    config.write_text(TEST_CONFIG.read_text().replace('weights = "none"', f'weights = "{tmp_path / "missing.pth"}"'))
+    message = cli_error("train-all", "--data", trained["data"], "--out", run, "--config", config)
+    assert message.startswith(f"error: {run / 'config.toml'}: --config {config} differs from the config this run was started with")
+    assert {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")} == before
+    after_out = tmp_path / "after.csv"
+    predict(run, trained["data"] / "test", after_out)
+    assert after_out.read_text() == before_out.read_text()
+
+
+@pytest.mark.slow
+def test_a_moved_weight_file_blocks_only_the_resume_that_must_train_a_network(trained: dict[str, Path], tmp_path: Path) -> None:
+    """As if the run had been trained from a weight file that was moved since: re-fitting needs no weights."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    config = run / "config.toml"
+    text = config.read_text()
+    section = text.index("[global_model]")
+    moved = tmp_path / "moved.pth"
+    config.write_text(text[:section] + text[section:].replace('weights = "none"', f'weights = "{moved}"', 1))
+    line = text[: text.index('weights = "none"', section)].count("\n") + 1
+    before = {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")}
+    invoke("train-all", "--data", trained["data"], "--out", run)  # everything trained: a no-op resume
+    assert {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")} == before
+    (run / "global" / "valid_predictions.npz").unlink()  # as if interrupted before the global model finished
+    before = {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")}
+    message = cli_error("train-all", "--data", trained["data"], "--out", run)
+    assert message == f"error: {config}:{line}: global_model.weights = '{moved}': weight file not found"
+    assert {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")} == before
