@@ -47,7 +47,7 @@ class Check:
         limits = [(self.ge, ">=", operator.ge), (self.gt, ">", operator.gt), (self.le, "<=", operator.le), (self.lt, "<", operator.lt)]
         for limit, sign, holds in limits:
             if limit is not None and not holds(value, limit):
-                return f"must be {sign} {limit:g}"
+                return f"must be {sign} {int(limit) if float(limit).is_integer() else limit}"
         return None
 
 
