@@ -161,11 +161,16 @@ def ablation(
     images: Optional[Path] = typer.Option(None, help="Labelled image folder; omit for out-of-fold validation figures."),
     gt: Optional[Path] = typer.Option(None, help="Ground-truth concept file for --images."),
     categories: Optional[Path] = typer.Option(None, help="True categories for oracle routing (CSV ID,CATEGORY)."),
+    cui_names: Optional[Path] = typer.Option(
+        None, help="CSV of CUI,name for the per-concept report; default: cui_mapping.csv of the run's data folder, if any."
+    ),
 ) -> None:
-    """Score global vs per-category vs stacked ensemble, overall and per category."""
+    """Score global vs per-category vs stacked ensemble (primary and secondary F1), and every concept by frequency band."""
     from conceptclef.pipeline.ablation import run_ablation
 
-    table = run_ablation(run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories)
+    table = run_ablation(
+        run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories, cui_names_path=cui_names
+    )
     typer.echo(table)
 
 
