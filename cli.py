@@ -91,47 +91,63 @@ def predict(
     run: Path = typer.Option(..., help="Run directory made by train-all."),
     images: Path = typer.Option(..., help="Folder of test images."),
     out: Path = typer.Option(..., help="Submission file to write."),
-    format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs)."),
+    format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs; also 2026)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that predict did not write."),
+    zip_: bool = typer.Option(
+        False, "--zip", help="With --format 2025: also write OUT with .zip, holding only submission.csv (the upload)."
+    ),
 ) -> None:
     """Write a challenge submission (and per-image probabilities beside it) using only RUN."""
     from conceptclef.pipeline.predict import predict_submission
 
-    summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format, overwrite=overwrite)
+    summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format, upload_zip=zip_, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command("evaluate")
 @_user_errors
 def evaluate(
-    submission: Path = typer.Argument(..., help="Submission file."),
+    submission: Path = typer.Argument(..., help="Submission file (2020 TSV, 2022 ID|CUIs or 2025 CSV)."),
     ground_truth: Path = typer.Argument(..., help="Ground-truth concept file."),
-    subset: Optional[Path] = typer.Option(None, help="File of CUIs: the 2025 secondary score."),
+    subset: Optional[Path] = typer.Option(
+        None, help="File of CUIs replacing the built-in 2025/2026 secondary list for the secondary score."
+    ),
+    secondary_gt: Optional[Path] = typer.Option(
+        None, "--secondary-gt", help="Ground truth of the secondary score (2025/2026: concepts_manual.csv); default GROUND_TRUTH."
+    ),
     categories: Optional[Path] = typer.Option(
         None, help="Per-category breakdown: a CSV of ID,CATEGORY or an image folder with category subfolders."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
-    """Score a submission with the official sample-averaged F1."""
+    """Score a submission with the official primary and secondary sample-averaged F1."""
     from conceptclef.pipeline.evaluate import evaluate_submission
 
-    report = evaluate_submission(submission, ground_truth, subset_path=subset, categories_path=categories)
+    report = evaluate_submission(
+        submission, ground_truth, subset_path=subset, categories_path=categories, secondary_truth_path=secondary_gt
+    )
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return
     typer.echo(f"F1 {report.score:.4f} over {report.n_images} images")
+    secondary = report.secondary
+    typer.echo(
+        f"secondary F1 {secondary.score:.4f} over {secondary.n_images} images "
+        f"({len(report.secondary_concepts)} CUIs: {report.secondary_source})"
+    )
     for name, (score, count) in report.per_category.items():
-        typer.echo(f"  {name:<10} {score:.4f}  ({count} images)")
+        second, second_count = secondary.per_category.get(name, (float("nan"), 0))
+        typer.echo(f"  {name:<10} {score:.4f}  ({count} images)  secondary {second:.4f} ({second_count} images)")
 
 
 @app.command("validate")
 @_user_errors
 def validate(
-    submission: Path = typer.Argument(..., help="Submission file."),
+    submission: Path = typer.Argument(..., help="Submission file, or the 2025/2026 upload .zip."),
     images: Path = typer.Option(..., help="Folder of the test images the submission must cover."),
-    format: Optional[str] = typer.Option(None, help="2020 or 2025; guessed from the file when omitted."),
+    format: Optional[str] = typer.Option(None, help="2020, 2022 or 2025 (2025/2026 checker); guessed from the file when omitted."),
 ) -> None:
-    """Check a submission against the challenge rules; exit non-zero when it breaks one."""
+    """Check a submission against the official rules of its format; exit non-zero when it breaks one."""
     from conceptclef.pipeline.evaluate import validate_submission_file
 
     count = validate_submission_file(submission, images, submission_format=format)
@@ -146,11 +162,16 @@ def ablation(
     images: Optional[Path] = typer.Option(None, help="Labelled image folder; omit for out-of-fold validation figures."),
     gt: Optional[Path] = typer.Option(None, help="Ground-truth concept file for --images."),
     categories: Optional[Path] = typer.Option(None, help="True categories for oracle routing (CSV ID,CATEGORY)."),
+    cui_names: Optional[Path] = typer.Option(
+        None, help="CSV of CUI,name for the per-concept report; default: cui_mapping.csv of the run's data folder, if any."
+    ),
 ) -> None:
-    """Score global vs per-category vs stacked ensemble, overall and per category."""
+    """Score global vs per-category vs stacked ensemble (primary and secondary F1), and every concept by frequency band."""
     from conceptclef.pipeline.ablation import run_ablation
 
-    table = run_ablation(run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories)
+    table = run_ablation(
+        run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories, cui_names_path=cui_names
+    )
     typer.echo(table)
 
 

@@ -6,7 +6,9 @@ global model at 0.5 (the published baseline), global with tuned thresholds, per-
 routed by the router, per-category with the true categories (oracle routing), the average of
 global and routed category models, and the full stacked ensemble. Thresholds of the baseline
 rows are tuned on validation like the ensemble's; on validation itself (no --images) every row
-is cross-fitted so no row is scored on images it was tuned on.
+is cross-fitted so no row is scored on images it was tuned on. Beside the overall (primary)
+score, each row has the 2025/2026 secondary score (`scoring.secondary`); per_concept.csv holds
+the stacked ensemble's support, F1 and average precision for every concept, by frequency band.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import pandas as pd
 import scipy.sparse as sp
 
 from conceptclef.core.config import Config
+from conceptclef.core.runfiles import load_arrays
 from conceptclef.data.concepts import read_category_file, read_concept_file
+from conceptclef.data.cui_names import read_cui_names
 from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 from conceptclef.pipeline.base_models import read_confusion
+from conceptclef.pipeline.concept_report import concept_report
 from conceptclef.pipeline.datasets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.predict import RunModels
 from conceptclef.pipeline.reports import write_ablation_report
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
 from conceptclef.pipeline.stacking import (
+    VALID_TRUTH_FILE,
     BaseOutputs,
     FittedEnsemble,
     load_oof_probabilities,
@@ -40,8 +47,12 @@ from conceptclef.pipeline.stacking import (
 )
 from conceptclef.scoring.baselines import best_most_frequent_k, most_frequent_predictions
 from conceptclef.scoring.f1 import per_image_f1_sparse
+from conceptclef.scoring.secondary import outside_counts as secondary_outside_counts
+from conceptclef.scoring.secondary import per_image_subset_f1_sparse
 
 log = logging.getLogger("conceptclef")
+
+CUI_MAPPING_FILE = "cui_mapping.csv"  # the 2026 data's concept names (CUI, canonical name)
 
 
 @dataclass
@@ -52,6 +63,7 @@ class LabelledOutputs:
     truth: sp.csr_matrix
     truth_outside: np.ndarray
     true_categories: list[str] | None
+    secondary_outside: np.ndarray | None = None  # secondary-list CUIs of each image outside the vocabulary
 
 
 def routed_probs(outputs: BaseOutputs, vocabulary: ConceptVocabulary, categories: list[str]) -> np.ndarray:
@@ -123,12 +135,14 @@ def run_ablation(
     images_dir: Path | None = None,
     truth_path: Path | None = None,
     categories_path: Path | None = None,
+    cui_names_path: Path | None = None,
 ) -> str:
     layout = RunLayout(Path(run_dir))
     manifest = Manifest.load(layout)
     config = load_run_config(layout)
     if (images_dir is None) != (truth_path is None):
         raise RunDirectoryError("ablation: give both --images and --gt, or neither (validation figures)")
+    names = _concept_names(manifest, cui_names_path)
     vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
     ensemble = FittedEnsemble.load(layout, config, manifest, vocabulary)
     validation = _validation_outputs(layout, manifest, vocabulary)
@@ -140,7 +154,11 @@ def run_ablation(
         rows, stacked_probs = _test_rows(config, vocabulary, validation, labelled, ensemble)
         source = f"{images_dir}"
     group_names = labelled.true_categories or router_choice(labelled.outputs)
-    table = _score_table(rows, labelled, group_names)
+    table = _score_table(rows, labelled, group_names, list(vocabulary.cuis))
+    per_concept = concept_report(
+        vocabulary.cuis, rows[f"stacked ensemble ({ensemble.rule})"], stacked_probs, labelled.truth,
+        ensemble.statistics.concept_frequency, names,
+    )
     confusion = _confusion(labelled, manifest) or read_confusion(layout)
     return write_ablation_report(
         Path(out_dir),
@@ -153,7 +171,16 @@ def run_ablation(
             "stacked ensemble": (stacked_probs, labelled),
         },
         fallback_categories=manifest.fallback_categories,
+        per_concept=per_concept,
     )
+
+
+def _concept_names(manifest: Manifest, cui_names_path: Path | None) -> dict[str, str] | None:
+    """Names from --cui-names, else from the data folder's cui_mapping.csv (2026) when it has one."""
+    if cui_names_path is not None:
+        return read_cui_names(cui_names_path)
+    default = Path(manifest.data_dir) / CUI_MAPPING_FILE
+    return read_cui_names(default) if default.is_file() else None
 
 
 def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: ConceptVocabulary) -> LabelledOutputs:
@@ -161,7 +188,11 @@ def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: Conce
     image_ids, truth, outside, categories = load_validation_truth(layout)
     if image_ids != outputs.image_ids:
         raise RunDirectoryError(f"{layout.ensemble_dir}: saved validation truth does not match the saved predictions")
-    return LabelledOutputs(outputs, truth, outside, categories)
+    secondary_outside = load_arrays(layout.ensemble_dir / VALID_TRUTH_FILE).get("secondary_outside")
+    if secondary_outside is None:
+        log.warning("%s: made before the secondary score was saved; secondary CUIs outside the vocabulary are not counted "
+                    "(rerun `train-all --only ensemble` to count them)", layout.ensemble_dir / VALID_TRUTH_FILE)
+    return LabelledOutputs(outputs, truth, outside, categories, secondary_outside)
 
 
 RowDecider = Callable[[], sp.csr_matrix]
@@ -184,7 +215,9 @@ def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocab
     average = 0.5 * (np.asarray(outputs.global_probs) + routed)
     rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(average, truth, outside, config)
     _, oof = load_oof_probabilities(layout)
-    rows[f"stacked ensemble ({ensemble.rule})"] = _cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule)
+    rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
+        _cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule), oof, frequency
+    )
     return rows, labelled, oof
 
 
@@ -218,7 +251,13 @@ def _test_outputs(
         true_categories = [by_id.get(image_id, "unknown") for image_id in image_set.image_ids]
     elif all(record.category for record in image_set.records):
         true_categories = [str(record.category) for record in image_set.records]
-    return LabelledOutputs(outputs, vocabulary.encode(concept_lists), vocabulary.outside_counts(concept_lists), true_categories)
+    return LabelledOutputs(
+        outputs,
+        vocabulary.encode(concept_lists),
+        vocabulary.outside_counts(concept_lists),
+        true_categories,
+        secondary_outside_counts(concept_lists, vocabulary.cuis),
+    )
 
 
 def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: LabelledOutputs, labelled: LabelledOutputs, ensemble: FittedEnsemble):
@@ -247,17 +286,26 @@ def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: Labell
     )
     inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
     stacked = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
-    rows[f"stacked ensemble ({ensemble.rule})"] = sp.csr_matrix(ensemble.decider.predict(stacked), dtype=bool)
+    # Topped up to one concept per image exactly as predict writes the submission.
+    rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
+        ensemble.decider.predict(stacked), stacked, ensemble.statistics.concept_frequency
+    )
     return rows, stacked
 
 
-def _score_table(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, group_names: list[str]) -> pd.DataFrame:
+def _score_table(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, group_names: list[str], cuis: list[str]) -> pd.DataFrame:
     groups = np.array(group_names)
     records = []
     for name, decisions in rows.items():
         per_image = scores_by_image(decisions, labelled)
         scored = ~np.isnan(per_image)
-        record = {"system": name, "overall": float(per_image[scored].mean()) if scored.any() else 0.0, "n_images": int(scored.sum())}
+        secondary = per_image_subset_f1_sparse(decisions, labelled.truth, cuis, truth_outside=labelled.secondary_outside)
+        record = {
+            "system": name,
+            "overall": float(per_image[scored].mean()) if scored.any() else 0.0,
+            "secondary": float(np.nanmean(secondary)) if np.isfinite(secondary).any() else np.nan,
+            "n_images": int(scored.sum()),
+        }
         for group in sorted(set(group_names)):
             members = scored & (groups == group)
             record[group] = float(per_image[members].mean()) if members.any() else np.nan

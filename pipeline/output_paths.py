@@ -55,3 +55,15 @@ def check_submission_path(out: Path, protected: dict[str, Path], overwrite: bool
             f"already exists and was not written by predict (no {sidecar.name} beside it); "
             "pass --overwrite to replace it, or choose another --out",
         )
+
+
+def check_upload_zip_path(zip_path: Path, submission: Path, overwrite: bool = False) -> None:
+    """The `--zip` upload sits beside the submission: replace it only as the submission may be replaced."""
+    if zip_path.is_dir():
+        raise OutputPathError(zip_path, "is a directory; --zip writes the upload there: choose another --out")
+    if zip_path.exists() and not overwrite and not was_written_by_predict(submission):
+        raise OutputPathError(
+            zip_path,
+            f"already exists and {submission.name} beside it was not written by predict; "
+            "pass --overwrite to replace it, or choose another --out",
+        )

@@ -13,11 +13,12 @@ import scipy.sparse as sp
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, locate_key
 from conceptclef.core.runfiles import atomic_save_arrays
-from conceptclef.data.submission import write_submission
+from conceptclef.data.submission import write_submission, write_upload_zip
 from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.pipeline.datasets import ImageSet, load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.output_paths import check_submission_path, probabilities_path_for
+from conceptclef.pipeline.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
 from conceptclef.pipeline.preflight import check_device_available
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
 from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
@@ -93,14 +94,22 @@ def decisions_to_concepts(decisions: sp.spmatrix, image_ids: list[str], vocabula
 
 
 def predict_submission(
-    run_dir: Path, images_dir: Path, out_path: Path, submission_format: str = "2020", overwrite: bool = False
+    run_dir: Path,
+    images_dir: Path,
+    out_path: Path,
+    submission_format: str = "2020",
+    upload_zip: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """`overwrite` lets the submission replace a file predict did not write (never one in the run or image folder)."""
     if submission_format not in SUBMISSION_FORMATS:
         raise RunDirectoryError(f"--format {submission_format}: choose 2020 or 2025")
+    zip_path = upload_zip_path(Path(out_path), submission_format) if upload_zip else None
     started = time.perf_counter()
     layout = RunLayout(Path(run_dir))
     check_submission_path(Path(out_path), {"the run directory": layout.root, "the image folder": Path(images_dir)}, overwrite)
+    if zip_path is not None:
+        check_upload_zip_path(zip_path, Path(out_path), overwrite)
     manifest = Manifest.load(layout)
     config = load_run_config(layout)
     check_device_available(config.device, locate_key(layout.config_path, ("device",)))
@@ -108,7 +117,19 @@ def predict_submission(
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
     image_set, bad = load_unlabelled_set(Path(images_dir), config, layout.cache_dir)
     summary = write_predictions(models.predict(image_set), models.vocabulary, ensemble, Path(out_path), submission_format)
+    if zip_path is not None:
+        summary["upload_zip"] = str(write_upload_zip(out_path, zip_path))
     return {**summary, "unreadable_images": len(bad), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def upload_zip_path(out_path: Path, submission_format: str) -> Path:
+    """Where `--zip` writes the upload (OUT with .zip), checked before any work starts."""
+    if submission_format != "2025":
+        raise RunDirectoryError("--zip makes the 2025/2026 upload (a zip of submission.csv); add --format 2025")
+    zip_path = out_path.with_suffix(".zip")
+    if zip_path == out_path:
+        raise RunDirectoryError(f"--out {out_path}: with --zip the submission itself cannot end in .zip")
+    return zip_path
 
 
 def write_predictions(
@@ -117,7 +138,7 @@ def write_predictions(
     """Everything after the networks: kNN, stacking, decisions, the submission and its probabilities file."""
     inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
     probs = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
-    decisions = ensemble.decider.predict(probs)
+    decisions = at_least_one_concept(ensemble.decider.predict(probs), probs, ensemble.statistics.concept_frequency)
     predictions = decisions_to_concepts(decisions, outputs.image_ids, vocabulary, probs)
     write_submission(out_path, predictions, format=submission_format)
     probabilities_path = probabilities_path_for(out_path)

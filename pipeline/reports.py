@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from conceptclef.core.runfiles import atomic_output, atomic_write_text  # noqa: E402
+from conceptclef.pipeline.concept_report import band_summary, band_summary_markdown  # noqa: E402
 from conceptclef.scoring.f1 import per_image_f1_sparse  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def _save_figure(figure: plt.Figure, path: Path) -> None:
 
 
 def plot_category_bars(table: pd.DataFrame, path: Path, grouped_by: str) -> None:
-    groups = [c for c in table.columns if c not in ("system", "overall", "n_images")]
+    groups = [c for c in table.columns if c not in ("system", "overall", "secondary", "n_images")]
     figure, axis = plt.subplots(figsize=(max(7, 1.3 * len(groups) + 3), 4.5))
     width = 0.8 / max(len(table), 1)
     positions = np.arange(len(groups) + 1)
@@ -107,15 +108,21 @@ def write_ablation_report(
     confusion: tuple[list[str], np.ndarray],
     threshold_curves: dict,
     fallback_categories: list[str],
+    per_concept: pd.DataFrame | None = None,
 ) -> str:
-    """Write ablation.csv, ablation.md and three PNGs; return the Markdown text."""
+    """Write ablation.csv, ablation.md, three PNGs and per_concept.csv; return the Markdown text."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "ablation.csv", "w") as stream:
         table.to_csv(stream, index=False, float_format="%.4f")
     header = f"Ablation on {source}; per-category columns grouped by {grouped_by}.\n"
     if fallback_categories:
         header += f"Categories using the global model (too few images, or the only category): {', '.join(fallback_categories)}.\n"
+    header += "The secondary column is the 2025/2026 secondary score (15 modality and X-ray region CUIs).\n"
     markdown = header + "\n" + markdown_table(table)
+    if per_concept is not None:
+        with atomic_output(out_dir / "per_concept.csv", "w") as stream:
+            per_concept.to_csv(stream, index=False, float_format="%.4f")
+        markdown += "\n" + band_summary_markdown(band_summary(per_concept), source)
     atomic_write_text(out_dir / "ablation.md", markdown)
     plot_category_bars(table, out_dir / "per_category_f1.png", grouped_by)
     plot_confusion(confusion[0], confusion[1], out_dir / "router_confusion.png")

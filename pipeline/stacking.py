@@ -27,6 +27,8 @@ from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_
 from conceptclef.pipeline.datasets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.run_directory import Manifest, RunLayout
+from conceptclef.pipeline.validation_scores import out_of_fold_decisions, validation_scores
+from conceptclef.scoring.secondary import outside_counts as secondary_outside_counts
 
 log = logging.getLogger("conceptclef")
 
@@ -175,13 +177,24 @@ def fit_ensemble_stage(
     inputs = to_stacking_inputs(outputs, vocabulary, statistics, knn)
     truth = valid.labels(vocabulary)
     truth_outside = vocabulary.outside_counts(valid.concept_lists)
-    save_validation_truth(ensemble_dir / VALID_TRUTH_FILE, valid.image_ids, truth, truth_outside, [str(c) for c in valid.categories])
+    secondary_outside = secondary_outside_counts(valid.concept_lists, vocabulary.cuis)
+    save_validation_truth(
+        ensemble_dir / VALID_TRUTH_FILE, valid.image_ids, truth, truth_outside, [str(c) for c in valid.categories], secondary_outside
+    )
 
     log.info("ensemble: cross-fitting the stacker over %d folds", config.ensemble.folds)
     cross_fit = cross_fit_out_of_fold(inputs, truth, config.ensemble, seed=config.seed)
     log.info("ensemble: %d boosting rounds (of at most %d)", cross_fit.rounds, config.ensemble.n_estimators)
     rule, decider, scores = choose_decision_rule(cross_fit.oof_probs, truth, truth_outside, config.ensemble, seed=config.seed)
     log.info("ensemble: decision rule %s (cross-validated F1 %s)", rule, {name: round(value, 4) for name, value in scores.items()})
+    oof_decisions = out_of_fold_decisions(rule, cross_fit.oof_probs, truth, truth_outside, config.ensemble, config.seed)
+    valid_scores = validation_scores(
+        oof_decisions, cross_fit.oof_probs, truth, truth_outside, list(vocabulary.cuis), secondary_outside, statistics.concept_frequency
+    )
+    log.info(
+        "ensemble: validation F1 %.4f over %d images, secondary F1 %.4f over %d images (out-of-fold, %s rule)",
+        valid_scores.primary, valid_scores.n_images, valid_scores.secondary, valid_scores.n_secondary_images, rule,
+    )
     cross_fit.stacker.save(ensemble_dir)
     save_decision(ensemble_dir, rule, decider, scores)
     oof = sp.csr_matrix(cross_fit.oof_probs, dtype=np.float32)
@@ -198,6 +211,7 @@ def fit_ensemble_stage(
         {
             "rule": rule,
             "cross_validated_f1": scores,
+            "validation_scores": valid_scores.to_json(),
             "boosting_rounds": cross_fit.rounds,
             "vocabulary": vocabulary.fingerprint(),
             "categories": manifest.categories,
@@ -205,11 +219,24 @@ def fit_ensemble_stage(
     )
 
 
-def save_validation_truth(path: Path, image_ids: list[str], truth: sp.csr_matrix, outside: np.ndarray, categories: list[str]) -> None:
-    """Keep the validation truth in the run, so the ablation needs no access to the data folder."""
+def save_validation_truth(
+    path: Path,
+    image_ids: list[str],
+    truth: sp.csr_matrix,
+    outside: np.ndarray,
+    categories: list[str],
+    secondary_outside: np.ndarray | None = None,
+) -> None:
+    """Keep the validation truth in the run, so the ablation needs no access to the data folder.
+
+    `secondary_outside` counts each image's secondary-list CUIs outside the vocabulary (misses of
+    the secondary score that the matrix cannot show).
+    """
     truth = sp.csr_matrix(truth, dtype=np.float32)
+    extra = {} if secondary_outside is None else {"secondary_outside": np.asarray(secondary_outside, dtype=np.int64)}
     atomic_save_arrays(
         path,
+        **extra,
         image_ids=np.array(image_ids),
         indices=truth.indices,
         indptr=truth.indptr,

@@ -63,7 +63,7 @@ def test_evaluate_text_output_with_subset(default_demo: tuple[Path, dict, float]
     (tmp_path / "subset.txt").write_text("C0040405\n")
     result = runner.invoke(app, ["evaluate", str(tmp_path / "ct.txt"), str(out / "test_concepts.csv"),
                                  "--subset", str(tmp_path / "subset.txt")])
-    assert result.exit_code == 0 and result.output.startswith("F1 1.0000 over ")  # only CT-labelled images count
+    assert result.exit_code == 0 and result.output.splitlines()[1].startswith("secondary F1 1.0000 over ")  # only CT-labelled images count
 
 
 def test_validate_accepts_a_good_submission(default_demo: tuple[Path, dict, float], tmp_path: Path) -> None:
@@ -77,8 +77,10 @@ def test_validate_rejects_a_bad_submission_with_file_and_line(default_demo: tupl
     out, _, _ = default_demo
     truth = read_concept_file(out / "test_concepts.csv")
     first = next(iter(truth))
-    truth[first] = ["C0040405", "C0040405"]
     write_submission(tmp_path / "run.txt", truth)
+    lines = (tmp_path / "run.txt").read_text().splitlines()
+    lines[0] = f"{first}\tC0040405;C0040405"  # the writer refuses a repeat, so break the file by hand
+    (tmp_path / "run.txt").write_text("\n".join(lines) + "\n")
     result = runner.invoke(app, ["validate", str(tmp_path / "run.txt"), "--images", str(out / "test")])
     assert result.exit_code != 0
     assert f"{tmp_path / 'run.txt'}:1: concept C0040405 repeated" in result.output

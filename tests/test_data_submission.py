@@ -10,6 +10,7 @@ from conceptclef.data.errors import SubmissionError
 from conceptclef.data.submission import read_submission, validate_submission, write_submission
 
 PREDICTIONS = {"img1": ["C0040405", "c0817096"], "img2": [], "img3": ["C1306645"]}
+PREDICTIONS_2025 = {**PREDICTIONS, "img2": ["C0024485"]}  # the 2025/2026 checker wants a concept on every line
 IDS = ["img1", "img2", "img3"]
 
 
@@ -19,15 +20,15 @@ def test_2020_format_exact_text(tmp_path: Path) -> None:
 
 
 def test_2025_format_exact_text(tmp_path: Path) -> None:
-    write_submission(tmp_path / "run.csv", PREDICTIONS, format="2025")
-    assert (tmp_path / "run.csv").read_text() == "ID,CUIs\nimg1,C0040405;C0817096\nimg2,\nimg3,C1306645\n"
+    write_submission(tmp_path / "run.csv", PREDICTIONS_2025, format="2025")
+    assert (tmp_path / "run.csv").read_text() == "ID,CUIs\nimg1,C0040405;C0817096\nimg2,C0024485\nimg3,C1306645\n"
 
 
 @pytest.mark.parametrize("format", ["2020", "2025"])
 def test_round_trip_with_sniffed_format(tmp_path: Path, format: str) -> None:
     path = tmp_path / f"run-{format}.csv"
-    write_submission(path, PREDICTIONS, format=format)
-    expected = {"img1": ["C0040405", "C0817096"], "img2": [], "img3": ["C1306645"]}
+    write_submission(path, PREDICTIONS_2025, format=format)
+    expected = {"img1": ["C0040405", "C0817096"], "img2": ["C0024485"], "img3": ["C1306645"]}
     assert read_submission(path) == expected
     assert read_submission(path, format=format) == expected
     assert validate_submission(path, IDS) == 3
@@ -41,11 +42,12 @@ def test_write_refuses_unknown_format_and_unwritable_ids(tmp_path: Path) -> None
     assert not (tmp_path / "x").exists()
 
 
-def test_crlf_and_bom_are_read(tmp_path: Path) -> None:
+def test_crlf_is_accepted_and_a_bom_read_for_scoring(tmp_path: Path) -> None:
     path = tmp_path / "run.csv"
-    path.write_bytes("\ufeffID,CUIs\r\nimg1,C0040405\r\nimg2,\r\nimg3,C1306645;C0817096\r\n".encode())
+    path.write_bytes("ID,CUIs\r\nimg1,C0040405\r\nimg2,C0024485\r\nimg3,C1306645;C0817096\r\n".encode())
     assert validate_submission(path, IDS) == 3
-    assert read_submission(path)["img3"] == ["C1306645", "C0817096"]
+    path.write_bytes("\ufeffID,CUIs\r\nimg1,C0040405\r\nimg2,\r\nimg3,C1306645;C0817096\r\n".encode())
+    assert read_submission(path)["img3"] == ["C1306645", "C0817096"]  # the evaluator reads it; validate does not
 
 
 def invalid(tmp_path: Path, text: str, ids: list[str] = IDS) -> SubmissionError:
@@ -94,5 +96,5 @@ def test_malformed_cui_and_structure(tmp_path: Path) -> None:
 def test_2025_needs_its_header(tmp_path: Path) -> None:
     path = tmp_path / "run.csv"
     path.write_text("img1,C0040405\nimg2,\nimg3,\n")
-    with pytest.raises(SubmissionError, match=r"run.csv:1: 2025 submissions start with the header ID,CUIs"):
+    with pytest.raises(SubmissionError, match=r"run.csv:1: header must be exactly ID,CUIs, got 'img1,C0040405'"):
         validate_submission(path, IDS, format="2025")

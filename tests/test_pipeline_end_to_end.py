@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,7 @@ from PIL import Image
 
 from cli_helpers import REPO, TEST_CONFIG, invoke, run_cli, train
 from conceptclef.data.demo import make_demo_dataset
+from conceptclef.data.submission import natural_key
 from conceptclef.router import ModalityRouter
 
 pytestmark = pytest.mark.slow
@@ -108,6 +110,57 @@ def test_ablation_without_images_reports_out_of_fold_validation(run, tmp_path):
     assert "validation (out-of-fold)" in output
     table = pd.read_csv(tmp_path / "ablation.csv")
     assert (table["n_images"] == 140).all()
+
+
+def test_predict_2025_zip_is_the_upload_and_scores_like_the_2020_file(run, demo, submission, tmp_path):
+    out = tmp_path / "submission.csv"
+    summary = json.loads(invoke("predict", "--run", run, "--images", demo / "test", "--out", out, "--format", "2025", "--zip"))
+    assert summary["upload_zip"] == str(tmp_path / "submission.zip")
+    with zipfile.ZipFile(tmp_path / "submission.zip") as archive:
+        assert archive.namelist() == ["submission.csv"] and archive.read("submission.csv") == out.read_bytes()
+    assert "valid (60 images)" in invoke("validate", tmp_path / "submission.zip", "--images", demo / "test")
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    assert [image_id for image_id, _ in rows] == sorted((image_id for image_id, _ in rows), key=natural_key)
+    assert all(cuis for _, cuis in rows)  # the checker rejects an empty CUIs field
+    scores = [json.loads(invoke("evaluate", path, demo / "test_concepts.csv", "--json")) for path in (out, submission)]
+    assert scores[0]["score"] == scores[1]["score"] and scores[0]["secondary"]["score"] == scores[1]["secondary"]["score"]
+    assert 0.2 < scores[0]["secondary"]["score"] <= 1.0
+
+
+def test_zip_is_refused_before_any_work_without_the_2025_format(run, demo, tmp_path):
+    result = run_cli("predict", "--run", run, "--images", demo / "test", "--out", tmp_path / "run.tsv", "--zip")
+    assert result.exit_code == 2 and "--zip makes the 2025/2026 upload" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_all_records_the_validation_secondary_score(run):
+    scores = json.loads((run / "ensemble" / "ensemble.json").read_text())["validation_scores"]
+    assert 0.2 < scores["primary_f1"] <= 1.0 and 0.2 < scores["secondary_f1"] <= 1.0
+    assert scores["n_images"] == 140 and 0 < scores["n_secondary_images"] <= 140
+
+
+def test_ablation_has_a_secondary_column_and_a_named_per_concept_report(run, demo, tmp_path):
+    (demo / "cui_mapping.csv").write_text("CUI,Canonical name\nC0040405,X-Ray Computed Tomography\n")
+    try:
+        output = invoke(
+            "ablation", "--run", run, "--images", demo / "test", "--gt", demo / "test_concepts.csv", "--out", tmp_path
+        )
+    finally:
+        (demo / "cui_mapping.csv").unlink()
+    table = pd.read_csv(tmp_path / "ablation.csv")
+    assert list(table.columns[:4]) == ["system", "overall", "secondary", "n_images"]
+    assert table["secondary"].between(0, 1).all()
+    stacked = table[table["system"].str.startswith("stacked ensemble")].iloc[0]
+    invoke("predict", "--run", run, "--images", demo / "test", "--out", tmp_path / "s.csv", "--format", "2025")
+    report = json.loads(invoke("evaluate", tmp_path / "s.csv", demo / "test_concepts.csv", "--json"))
+    # the ablation's stacked row is exactly what predict writes
+    assert stacked["overall"] == pytest.approx(report["score"], abs=1e-4)
+    assert stacked["secondary"] == pytest.approx(report["secondary"]["score"], abs=1e-4)
+    concepts = pd.read_csv(tmp_path / "per_concept.csv", keep_default_na=False)
+    vocabulary = json.loads((run / "global" / "vocabulary.json").read_text())
+    assert len(concepts) == len(vocabulary["cuis"]) and set(concepts["band"]) == {"head", "body", "tail"}
+    assert concepts.set_index("cui").loc["C0040405", "name"] == "X-Ray Computed Tomography"
+    assert "| band | concepts |" in output and 0 < stacked["secondary"] <= 1
 
 
 def test_rerun_resumes_and_skips_finished_models(run, demo):

@@ -66,13 +66,14 @@ def test_per_category_breakdown() -> None:
 
 def test_evaluate_submission_files(tmp_path: Path) -> None:
     (tmp_path / "truth.csv").write_text(f"i1\t{A};{B}\ni2\t{C}\ni3\t\n")
-    write_submission(tmp_path / "run.csv", {"i1": [A.lower()], "i2": []}, format="2025")
+    (tmp_path / "run.csv").write_text(f"ID,CUIs\ni1,{A.lower()}\ni2,\ni3,\n")  # rough, but the evaluator scores it
     (tmp_path / "subset.txt").write_text(f"{A}\n{C}\n")
     (tmp_path / "categories.csv").write_text("ID,CATEGORY\ni1,DRCT\ni2,DRXR\ni3,DRXR\n")
     report = evaluate_submission(tmp_path / "run.csv", tmp_path / "truth.csv")
     assert report.n_images == 2 and report.score == pytest.approx((2 / 3 + 0) / 2)
     subset = evaluate_submission(tmp_path / "run.csv", tmp_path / "truth.csv", subset_path=tmp_path / "subset.txt")
-    assert subset.n_images == 2 and subset.score == pytest.approx((1 + 0) / 2)
+    assert subset.score == report.score  # --subset replaces the secondary list, not the primary score
+    assert subset.secondary.n_images == 2 and subset.secondary.score == pytest.approx((1 + 0) / 2)
     by_category = evaluate_submission(
         tmp_path / "run.csv", tmp_path / "truth.csv", categories_path=tmp_path / "categories.csv"
     )
@@ -94,5 +95,5 @@ def test_categories_from_an_image_folder(tmp_path: Path) -> None:
 def test_evaluate_refuses_images_unknown_to_the_truth(tmp_path: Path) -> None:
     (tmp_path / "truth.csv").write_text(f"i1\t{A}\n")
     write_submission(tmp_path / "run.txt", {"i1": [A], "other": [A]})
-    with pytest.raises(SubmissionError, match="1 image\\(s\\) are not in the ground truth"):
+    with pytest.raises(SubmissionError, match="run.txt:2: image 'other' is not in the ground truth"):
         evaluate_submission(tmp_path / "run.txt", tmp_path / "truth.csv")
