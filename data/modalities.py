@@ -71,8 +71,12 @@ class DerivedCategories:
     with_none: int
 
     def summary(self) -> str:
-        named = ", ".join(f"{category} {count}" for category, count in sorted(self.counts.items()))
-        return f"{named}; {self.with_several} with several modalities, {self.with_none} with none"
+        named = ", ".join(f"{category} {count}" for category, count in sorted(self.counts.items()) if category != UNROUTED)
+        left_out = self.counts.get(UNROUTED, 0)
+        return (
+            f"{named or 'none'}; {self.with_several} with several modalities, {self.with_none} with none; "
+            f"{left_out} left out of router and category training"
+        )
 
 
 def derive_categories(concept_lists: Sequence[Sequence[str]], mapping: ModalityMapping) -> DerivedCategories:
