@@ -46,11 +46,16 @@ def make_demo(
     test: int = typer.Option(250, help="Test images (flat folder; truth in test_concepts.csv)."),
     seed: int = typer.Option(0, help="Random seed."),
     image_size: int = typer.Option(128, help="Side of the written JPEG images."),
+    layout: str = typer.Option(
+        "folders2020",
+        help="folders2020 (category folders, 2020 TSV), flat2025 (flat folders, ID,CUIs files) or "
+        "flat2026 (flat, one concepts file for train and valid, cui_mapping.csv).",
+    ),
 ) -> None:
-    """Write a synthetic radiology-like dataset in the ImageCLEF 2020 layout."""
+    """Write a synthetic radiology-like dataset (same images in every --layout for the same seed)."""
     from conceptclef.data.demo import make_demo_dataset
 
-    summary = make_demo_dataset(out, n_train=train, n_valid=valid, n_test=test, seed=seed, image_size=image_size)
+    summary = make_demo_dataset(out, n_train=train, n_valid=valid, n_test=test, seed=seed, image_size=image_size, layout=layout)
     typer.echo(json.dumps(summary, indent=2))
 
 

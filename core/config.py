@@ -132,6 +132,34 @@ class EnsembleConfig:
     decision_rule: Literal["auto", "thresholds", "expected_f1"] = "auto"
 
 
+# ImageCLEFmedical's modality concepts and the 2020 category names they stand for.
+IMAGECLEF_MODALITY_CUIS: dict[str, list[str]] = {
+    "DRAN": ["C0002978"],  # angiogram
+    "DRCT": ["C0040405"],  # X-ray computed tomography
+    "DRMR": ["C0024485"],  # magnetic resonance imaging
+    "DRPE": ["C0032743"],  # positron-emission tomography
+    "DRUS": ["C0041618"],  # ultrasonography
+    "DRXR": ["C1306645"],  # plain x-ray
+}
+
+
+@dataclass(frozen=True)
+class CategoryConfig:
+    """Categories derived from the concept labels when train/ and valid/ have no category folders.
+
+    Since 2021 ImageCLEFmedical ships flat folders, but every image carries hand-curated modality
+    CUIs, so the routed ensemble can still be trained. A table replaces the defaults as a whole,
+    so another grouping (e.g. OCT = ["C0920367"]) needs no code; an empty table keeps flat data
+    one category (ALL). Folder categories (the 2020 layout) are never overridden.
+    """
+
+    # category -> its modality CUIs; an image whose CUIs name exactly one category belongs to it
+    modality_cuis: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in IMAGECLEF_MODALITY_CUIS.items()})
+    # an image naming several categories (PET/CT...) joins this combined category, as the 2020
+    # data's DRCO; "" leaves such images out of router and category training like those naming none
+    several: str = "DRCO"
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs; written resolved into the run directory."""
@@ -143,6 +171,7 @@ class Config:
     global_model: TrainingConfig = field(default_factory=TrainingConfig)
     category_model: TrainingConfig = field(default_factory=TrainingConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    categories: CategoryConfig = field(default_factory=CategoryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,6 +337,8 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: _Origin) -> An
         if value not in allowed:
             raise ConfigError(f"{where}: {dotted} = {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
+    if origin is dict:
+        return _coerce_table_of_string_lists(hint, value, where, dotted)
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type for {dotted}")
     if hint is bool:
@@ -327,3 +358,17 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: _Origin) -> An
             raise ConfigError(f"{where}: {dotted} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {hint!r} for {dotted}")
+
+
+def _coerce_table_of_string_lists(hint: Any, value: Any, where: str, dotted: str) -> dict[str, list[str]]:
+    """A TOML table of string arrays (e.g. category -> CUIs), the only mapping a config holds."""
+    if typing.get_args(hint) != (str, list[str]):
+        raise ConfigError(f"{where}: unsupported type {hint!r} for {dotted}")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{dotted}] must be a table of NAME = [\"...\", ...]")
+    table: dict[str, list[str]] = {}
+    for key, items in value.items():
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{where}: {dotted}.{key} must be an array of strings, got {items!r}")
+        table[str(key)] = list(items)
+    return table

@@ -169,3 +169,25 @@ def _parse_cuis(fields: list[str], path: Path, line: int) -> list[str]:
                 raise ConceptFileError(path, f"malformed CUI {token!r} (expected C and 7 digits)", line)
             cuis[token] = None
     return list(cuis)
+
+
+def read_cui_names(path: Path | str) -> dict[str, str]:
+    """CUI -> canonical name from the 2026 `cui_mapping.csv` (``CUI,name``; header optional), so
+    reports can say "Tomography, X-Ray Computed" where a CUI alone means nothing to a reader."""
+    path = Path(path)
+    lines = _read_lines(path, ConceptFileError)
+    delimiter = "\t" if any("\t" in text for _, text in lines[:50]) else ","
+    names: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for index, (number, text) in enumerate(lines):
+        fields = _split(text, delimiter)
+        cui = fields[0].strip().upper()
+        if index == 0 and not _CUI_ATTEMPT.match(cui):
+            continue  # a header such as "CUI,Canonical name"
+        if not CUI_PATTERN.match(cui) or len(fields) < 2:
+            raise ConceptFileError(path, f"expected CUI{delimiter}NAME with a CUI of C and 7 digits, got {text!r}", number)
+        if cui in first_line:
+            raise ConceptFileError(path, f"duplicate CUI {cui} (lines {first_line[cui]} and {number})", number)
+        first_line[cui] = number
+        names[cui] = delimiter.join(fields[1:]).strip()
+    return names

@@ -3,8 +3,9 @@
 Generative story, per image (all draws from one numpy Generator seeded by `seed`):
 
 1. Modality category, with the imbalance of the real 2020 data: DRCT 30%, DRXR 25%, DRMR 15%,
-   DRUS 12%, DRAN 8%, DRCO 5%, DRPE 5%. Its UMLS concept (e.g. C0040405 CT) is listed on 95% of
-   images, as captions usually name the modality.
+   DRUS 12%, DRAN 8%, DRCO 5%, DRPE 5%. Its UMLS modality concept (e.g. C0040405 CT; both PET and
+   CT for the combined DRCO, PET/CT) is listed on every image, as ROCOv2's hand-curated modality
+   labels are, so flat data can derive the category from the labels (data.modalities).
 2. Body region, from a modality-specific distribution (XR is mostly chest and limbs, US mostly
    abdomen, MR mostly head...). The region concept is listed on 85% of images and an organ concept
    (brain, lung, heart, liver, knee...) on 60%; both look different in each modality.
@@ -23,6 +24,7 @@ same finding looks different per modality, and most concepts are specific to one
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from conceptclef.data.errors import DataError
 
 @dataclass(frozen=True)
 class DemoModality:
-    cui: str
+    cuis: tuple[str, ...]  # the modality concepts every image of this category carries
     name: str
     frequency: float
     regions: dict[str, float]
@@ -73,32 +75,32 @@ CAPTION_CUIS = {
 _COMMON_CAPTIONS = {"patients": 0.25, "diagnosis": 0.2}
 
 MODALITIES: dict[str, DemoModality] = {
-    "DRCT": DemoModality("C0040405", "X-Ray Computed Tomography", 0.30,
+    "DRCT": DemoModality(("C0040405",), "X-Ray Computed Tomography", 0.30,
                          {"head": 0.25, "chest": 0.35, "abdomen": 0.35, "limb": 0.05},
                          {"mass": 0.25, "cyst": 0.12, "calcification": 0.12, "fracture": 0.05, "effusion": 0.15,
                           "contrast": 0.2},
                          {**_COMMON_CAPTIONS, "metastasis": 0.12, "hemorrhage": 0.15, "neoplasm": 0.1, "biopsy": 0.1}),
-    "DRXR": DemoModality("C1306645", "Plain x-ray", 0.25,
+    "DRXR": DemoModality(("C1306645",), "Plain x-ray", 0.25,
                          {"chest": 0.5, "limb": 0.3, "abdomen": 0.15, "head": 0.05},
                          {"mass": 0.1, "calcification": 0.12, "fracture": 0.25, "effusion": 0.2},
                          {**_COMMON_CAPTIONS, "postoperative": 0.25, "follow_up": 0.3}),
-    "DRMR": DemoModality("C0024485", "Magnetic Resonance Imaging", 0.15,
+    "DRMR": DemoModality(("C0024485",), "Magnetic Resonance Imaging", 0.15,
                          {"head": 0.5, "limb": 0.25, "abdomen": 0.15, "chest": 0.1},
                          {"mass": 0.25, "cyst": 0.15},
                          {**_COMMON_CAPTIONS, "edema": 0.3, "hemorrhage": 0.15, "neoplasm": 0.25}),
-    "DRUS": DemoModality("C0041618", "Ultrasonography", 0.12,
+    "DRUS": DemoModality(("C0041618",), "Ultrasonography", 0.12,
                          {"abdomen": 0.7, "chest": 0.15, "limb": 0.15},
                          {"mass": 0.2, "cyst": 0.25, "doppler": 0.35},
                          {**_COMMON_CAPTIONS, "biopsy": 0.35}),
-    "DRAN": DemoModality("C0002978", "Angiogram", 0.08,
+    "DRAN": DemoModality(("C0002978",), "Angiogram", 0.08,
                          {"head": 0.4, "chest": 0.35, "abdomen": 0.25},
                          {"contrast": 0.6, "stenosis": 0.3, "stent": 0.3},
                          {**_COMMON_CAPTIONS, "aneurysm": 0.35, "postoperative": 0.15}),
-    "DRCO": DemoModality("C1699633", "PET/CT scan", 0.05,
+    "DRCO": DemoModality(("C0032743", "C0040405"), "PET/CT scan", 0.05,
                          {"chest": 0.5, "abdomen": 0.5},
                          {"mass": 0.5, "effusion": 0.1},
                          {**_COMMON_CAPTIONS, "metastasis": 0.45, "neoplasm": 0.3}),
-    "DRPE": DemoModality("C0032743", "Positron-Emission Tomography", 0.05,
+    "DRPE": DemoModality(("C0032743",), "Positron-Emission Tomography", 0.05,
                          {"head": 0.2, "chest": 0.4, "abdomen": 0.4},
                          {"mass": 0.5},
                          {**_COMMON_CAPTIONS, "metastasis": 0.45, "neoplasm": 0.3}),
@@ -140,8 +142,8 @@ def sample_image(image_id: str, rng: np.random.Generator, rare: dict[str, list[s
         if region in _FINDINGS_BY_REGION.get(finding, {region}) and rng.random() < probability
     )
     cuis: list[str] = []
-    if rng.random() < 0.95:
-        cuis.append(modality.cui)
+    rng.random()  # once decided whether the modality is listed; kept so the same seed gives the same images
+    cuis.extend(modality.cuis)
     if rng.random() < 0.85:
         cuis.append(REGION_CUIS[region])
     if rng.random() < 0.6:
@@ -154,8 +156,6 @@ def sample_image(image_id: str, rng: np.random.Generator, rare: dict[str, list[s
     if rng.random() < _RARE_PROBABILITY:
         pool = rare[category]
         cuis.append(pool[rng.integers(len(pool))])
-    if not cuis:
-        cuis.append(modality.cui)  # every real image has at least one concept
     return DemoImage(image_id, category, region, findings, tuple(dict.fromkeys(cuis)))
 
 
@@ -177,7 +177,7 @@ def visible_concept_probabilities(image: DemoImage, rare: dict[str, list[str]]) 
     them with expected-F1 gives the demo's ceiling (benchmarks/demo_ceiling.py).
     """
     modality = MODALITIES[image.category]
-    probabilities = {modality.cui: 0.95, REGION_CUIS[image.region]: 0.85}
+    probabilities = {**{cui: 1.0 for cui in modality.cuis}, REGION_CUIS[image.region]: 0.85}
     organs = REGION_ORGANS[image.region]
     if image.region == "chest" and image.category in ("DRUS", "DRAN"):
         organs = ("heart",)
@@ -190,37 +190,75 @@ def visible_concept_probabilities(image: DemoImage, rare: dict[str, list[str]]) 
     return probabilities
 
 
+DEMO_LAYOUTS = ("folders2020", "flat2025", "flat2026")
+COMBINED_CONCEPTS_FILE = "ImageCLEFmedical_Caption_2026_concepts.csv"  # names no split: train and valid together
+CUI_NAMES_FILE = "cui_mapping.csv"
+
+
 def make_demo_dataset(
-    out: Path | str, n_train: int = 700, n_valid: int = 350, n_test: int = 250, seed: int = 0, image_size: int = 128
+    out: Path | str,
+    n_train: int = 700,
+    n_valid: int = 350,
+    n_test: int = 250,
+    seed: int = 0,
+    image_size: int = 128,
+    layout: str = "folders2020",
 ) -> dict:
     """Write the dataset under `out` and return a summary (counts per split and category, paths).
 
-    Layout: train/<CAT>/<ID>.jpg, valid/<CAT>/<ID>.jpg, train_concepts.csv and valid_concepts.csv
-    (2020 TSV), test/<ID>.jpg (flat), test_concepts.csv and test_categories.csv (held-out truth).
-    A folder written before by this function is replaced; any other non-empty folder is refused.
+    The same seed draws the same images and labels in every layout, so layouts can be compared:
+
+    - folders2020: train/<CAT>/<ID>.jpg, valid/<CAT>/<ID>.jpg, train_concepts.csv and
+      valid_concepts.csv (2020 TSV), test/<ID>.jpg (flat);
+    - flat2025: train/<ID>.jpg, valid/<ID>.jpg, test/<ID>.jpg, the concept files as ``ID,CUIs``
+      with header: categories must come from the labels;
+    - flat2026: as flat2025 with 2026-style IDs (``ImageCLEFmedical_Caption_2026_train_<N>``),
+      one combined concepts file for train and valid, and cui_mapping.csv (CUI, name).
+
+    Held-out truth: test_concepts.csv and test_categories.csv. A folder written before by this
+    function is replaced; any other non-empty folder is refused.
     """
     out = Path(out)
     if min(n_train, n_valid, n_test) < 1 or image_size < 16:
         raise DataError(out, "need at least one image per split and image_size >= 16")
+    if layout not in DEMO_LAYOUTS:
+        raise DataError(out, f"unknown demo layout {layout!r}; choose {', '.join(DEMO_LAYOUTS)}")
     _prepare_output(out)
     rng = np.random.default_rng(seed)
     splits = sample_demo_images(n_train, n_valid, n_test, rng)
+    splits = named_for_layout(splits, layout)
+    flat = layout != "folders2020"
     for name, members in splits.items():
         for image in members:
-            folder = out / name if name == "test" else out / name / image.category
+            folder = out / name if name == "test" or flat else out / name / image.category
             folder.mkdir(parents=True, exist_ok=True)
             pixels = render_image(image.category, image.region, set(image.findings), rng, image_size)
             Image.fromarray(pixels, "RGB").save(folder / f"{image.image_id}.jpg", quality=90)
-        _write_concepts(out / f"{name}_concepts.csv", members)
+        if name == "test" or layout != "flat2026":
+            _write_concepts(out / f"{name}_concepts.csv", members, with_header=flat)
+    if layout == "flat2026":
+        _write_concepts(out / COMBINED_CONCEPTS_FILE, splits["train"] + splits["valid"], with_header=True)
+        _write_cui_names(out / CUI_NAMES_FILE, [image for members in splits.values() for image in members])
     categories = "".join(f"{image.image_id},{image.category}\n" for image in splits["test"])
     atomic_write_text(out / "test_categories.csv", "ID,CATEGORY\n" + categories)
-    summary = _summary(out, splits, seed, image_size)
+    summary = _summary(out, splits, seed, image_size, layout)
     atomic_write_json(out / DEMO_MARKER, summary)
     return summary
 
 
+def named_for_layout(splits: dict[str, list[DemoImage]], layout: str) -> dict[str, list[DemoImage]]:
+    """The images with the IDs of `layout`: 2026 IDs name their split, which is how the combined
+    concepts file is divided; the other layouts keep the synpic IDs."""
+    if layout != "flat2026":
+        return splits
+    return {
+        split: [dataclasses.replace(image, image_id=f"ImageCLEFmedical_Caption_2026_{split}_{image.image_id.removeprefix('synpic')}") for image in members]
+        for split, members in splits.items()
+    }
+
+
 def _prepare_output(out: Path) -> None:
-    """Clear a previous demo (so stale images cannot outlive their concept file); refuse anything else."""
+    """Clear a previous demo (so stale images and concept files cannot outlive it); refuse anything else."""
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -229,20 +267,40 @@ def _prepare_output(out: Path) -> None:
             raise DataError(out, "folder is not empty and was not written by make-demo; choose another folder")
         for name in ("train", "valid", "test"):
             shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("train_concepts.csv", "valid_concepts.csv", COMBINED_CONCEPTS_FILE, CUI_NAMES_FILE):
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_concepts(path: Path, images: list[DemoImage]) -> None:
-    atomic_write_text(path, "".join(f"{image.image_id}\t{';'.join(image.cuis)}\n" for image in images))
+def _write_concepts(path: Path, images: list[DemoImage], with_header: bool = False) -> None:
+    if with_header:  # 2025/2026: ID,CUIs
+        atomic_write_text(path, "ID,CUIs\n" + "".join(f"{image.image_id},{';'.join(image.cuis)}\n" for image in images))
+    else:  # 2020: ID<TAB>CUI;CUI
+        atomic_write_text(path, "".join(f"{image.image_id}\t{';'.join(image.cuis)}\n" for image in images))
 
 
-def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_size: int) -> dict:
+def _write_cui_names(path: Path, images: list[DemoImage]) -> None:
+    named = {cui: name for name, cui in {**REGION_CUIS, **ORGAN_CUIS, **FINDING_CUIS, **CAPTION_CUIS}.items()}
+    named.update({cui: modality.name for modality in MODALITIES.values() for cui in modality.cuis[:1]})
+    named["C0040405"] = MODALITIES["DRCT"].name
+    cuis = sorted({cui for image in images for cui in image.cuis})
+    rows = "".join(f'{cui},"{named.get(cui, "synthetic rare concept")}"\n' for cui in cuis)
+    atomic_write_text(path, "CUI,Canonical name\n" + rows)
+
+
+def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_size: int, layout: str) -> dict:
     all_images = [image for members in splits.values() for image in members]
     vocabulary = {cui for image in all_images for cui in image.cuis}
+    concept_files = (
+        {"train_valid_concepts": str(out / COMBINED_CONCEPTS_FILE), "cui_names": str(out / CUI_NAMES_FILE)}
+        if layout == "flat2026"
+        else {"train_concepts": str(out / "train_concepts.csv"), "valid_concepts": str(out / "valid_concepts.csv")}
+    )
     return {
         "out": str(out),
         "seed": seed,
         "image_size": image_size,
+        "layout": layout,
         "splits": {
             name: {
                 "images": len(members),
@@ -256,8 +314,7 @@ def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_siz
             "train_images": str(out / "train"),
             "valid_images": str(out / "valid"),
             "test_images": str(out / "test"),
-            "train_concepts": str(out / "train_concepts.csv"),
-            "valid_concepts": str(out / "valid_concepts.csv"),
+            **concept_files,
             "test_concepts": str(out / "test_concepts.csv"),
             "test_categories": str(out / "test_categories.csv"),
         },

@@ -4,6 +4,11 @@
     DATA/valid/<CATEGORY>/<ID>.jpg     DATA/valid_concepts.csv
     <test folder>/<ID>.jpg             (flat; category subfolders are also understood)
 
+Since 2021 the split folders are flat (DATA/train/<ID>.jpg; categories then come from the labels,
+see data.modalities), and 2026 ships one concepts file for train and valid together: a single
+`*concepts*` file naming neither split (or both) serves both, each row going to the split its
+ID names (`..._train_000123`, `..._valid_000123`).
+
 Categories are whatever the sub-folders are called, so another year's or another dataset's
 modality set needs no code change. Images and concept rows are joined strictly: a label for a
 missing image or an image without a label usually means the wrong file was copied, and training
@@ -13,12 +18,13 @@ on half a dataset without noticing costs far more than an early error.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conceptclef.data.concepts import read_concept_rows
+from conceptclef.data.concepts import ConceptRow, read_concept_rows
 from conceptclef.data.errors import ConceptFileError, DataError
 from conceptclef.data.images import readable_image_extensions
 
@@ -147,19 +153,67 @@ def find_concept_file(data_dir: Path | str, split: str) -> Path:
                     return candidate
     loose = sorted(
         path
-        for path in (data_dir.iterdir() if data_dir.is_dir() else ())
-        if path.is_file()
-        and path.suffix.lower() in _CONCEPT_SUFFIXES
-        and "concept" in path.name.lower()
-        and any(alias in path.name.lower() for alias in aliases)
+        for path in _loose_concept_files(data_dir)
+        if any(alias in path.name.lower() for alias in aliases) and splits_named(path.name) <= {split}
     )
     if len(loose) == 1:
         return loose[0]
     if len(loose) > 1:
         names = ", ".join(path.name for path in loose)
         raise DataError(data_dir, f"several concept files could be the {split!r} one: {names}")
+    if split in COMBINED_SPLITS:
+        combined = find_combined_concept_file(data_dir)
+        if combined is not None:
+            return combined
     expected = data_dir / f"{split}_concepts.csv"
-    raise DataError(data_dir, f"no concept file for the {split!r} split (expected {expected})")
+    raise DataError(data_dir, f"no concept file for the {split!r} split (expected {expected}, or one file for train and valid)")
+
+
+COMBINED_SPLITS = ("train", "valid")  # the splits a combined (2026) concepts file holds
+
+
+def find_combined_concept_file(data_dir: Path | str) -> Path | None:
+    """The one concepts file for train and valid together (2026): it names neither split, or both."""
+    data_dir = Path(data_dir)
+    candidates = sorted(
+        path for path in _loose_concept_files(data_dir) if splits_named(path.name) in (set(), set(COMBINED_SPLITS))
+    )
+    if len(candidates) > 1:
+        names = ", ".join(path.name for path in candidates)
+        raise DataError(data_dir, f"several concept files could be the combined train+valid one: {names}")
+    return candidates[0] if candidates else None
+
+
+def splits_named(name: str) -> set[str]:
+    """The splits a file name or image ID names by a whole word (`..._train_00012` -> {"train"})."""
+    words = set(re.split(r"[^a-z0-9]+", Path(name).stem.lower() if "." in name else name.lower()))
+    return {split for split, aliases in _SPLIT_ALIASES.items() if words & set(aliases)}
+
+
+def _loose_concept_files(data_dir: Path) -> list[Path]:
+    return [
+        path
+        for path in (data_dir.iterdir() if data_dir.is_dir() else ())
+        if path.is_file() and path.suffix.lower() in _CONCEPT_SUFFIXES and "concept" in path.name.lower()
+    ]
+
+
+def rows_of_split(rows: list[ConceptRow], split: str, path: Path) -> list[ConceptRow]:
+    """A combined file's rows of one split; an ID naming neither train nor valid is an error at its line,
+    since guessing would put validation images into training (or drop them) without a word."""
+    kept = []
+    for row in rows:
+        named = splits_named(row.image_id) & set(COMBINED_SPLITS)
+        if len(named) != 1:
+            raise ConceptFileError(
+                path,
+                f"image ID {row.image_id!r} names neither the train nor the valid split (or both); a combined "
+                "concepts file needs '_train_' or '_valid_' in every ID",
+                row.line,
+            )
+        if named == {split}:
+            kept.append(row)
+    return kept
 
 
 def load_split(data_dir: Path | str, split: str, allow_unlisted: bool = False) -> LabelledSplit:
@@ -172,6 +226,8 @@ def load_split(data_dir: Path | str, split: str, allow_unlisted: bool = False) -
     image_folder = split_folder(data_dir, split)
     images = {record.image_id: record for record in list_image_folder(image_folder)}
     rows = read_concept_rows(concept_path)
+    if split in COMBINED_SPLITS and concept_path.parent == Path(data_dir) and splits_named(concept_path.name) != {split}:
+        rows = rows_of_split(rows, split, concept_path)  # the combined train+valid file
     listed = set()
     records: list[ImageRecord] = []
     for row in rows:

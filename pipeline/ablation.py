@@ -25,12 +25,14 @@ import scipy.sparse as sp
 from conceptclef.core.config import Config
 from conceptclef.core.runfiles import load_arrays
 from conceptclef.data.concepts import read_category_file, read_concept_file
-from conceptclef.data.cui_names import read_cui_names
+from conceptclef.data.concepts import read_cui_names
+from conceptclef.data.modalities import ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 from conceptclef.pipeline.base_models import read_confusion
 from conceptclef.pipeline.concept_report import concept_report
+from conceptclef.pipeline.category_record import categories_from_labels
 from conceptclef.pipeline.datasets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.predict import RunModels
@@ -251,6 +253,8 @@ def _test_outputs(
         true_categories = [by_id.get(image_id, "unknown") for image_id in image_set.image_ids]
     elif all(record.category for record in image_set.records):
         true_categories = [str(record.category) for record in image_set.records]
+    elif categories_from_labels(layout):  # flat test folder: the truth's modality CUIs, as train-all derived them
+        true_categories = derive_categories(concept_lists, ModalityMapping.from_config(config.categories)).categories
     return LabelledOutputs(
         outputs,
         vocabulary.encode(concept_lists),

@@ -17,7 +17,7 @@ from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.datasets import ImageSet, routed_subset
 from conceptclef.pipeline.ranks import is_main_process
 from conceptclef.pipeline.run_directory import RunLayout
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
@@ -60,6 +60,8 @@ class ModelPredictions:
 def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
     """Train the router (nothing to train for a single category) and save its validation probabilities."""
     work_dir = layout.router_dir
+    all_valid = valid
+    train, valid = routed_subset(train), routed_subset(valid)  # images without a derived category teach no class
     train_categories, valid_categories = [str(c) for c in train.categories], [str(c) for c in valid.categories]
     single = router_class_for(sorted(set(train_categories))) is SingleCategoryRouter
     if single:
@@ -70,8 +72,8 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
             config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
         )
         router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
-    probs = router.predict_proba(valid.images)
-    ModelPredictions(valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
+    probs = router.predict_proba(all_valid.images)  # the stacker needs the router's view of every image
+    ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
     _write_confusion(work_dir, router.categories_, router.confusion_)
     if single:  # no trained router to hold against a baseline
         return router

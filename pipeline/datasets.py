@@ -15,6 +15,7 @@ from conceptclef.core.config import Config
 from conceptclef.data.cache import ImageCache
 from conceptclef.data.errors import DataError, ImageReadError
 from conceptclef.data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
+from conceptclef.data.modalities import UNROUTED, ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.ranks import main_process_first
 
@@ -122,23 +123,25 @@ def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> 
     return ImageSet(records=records, images=images, concept_lists=concepts)
 
 
-UNCATEGORISED = "ALL"  # the one category of a dataset whose train/ folder has no category sub-folders
+UNCATEGORISED = "ALL"  # the one category of flat data whose labels name no modality (or with derivation off)
 
 
 def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageSet]:
     """The train and valid image sets; without a valid split, a stratified slice of train.
 
-    Images straight in train/ and valid/ (no category sub-folders, as ImageCLEF 2021-2025 ship
-    them) all belong to one category, UNCATEGORISED; a split mixing both layouts is refused.
+    Images straight in train/ and valid/ (no category sub-folders, as ImageCLEF 2021-2026 ship
+    them) get their category from their modality CUIs (data.modalities, [categories] in the
+    config); a split mixing both layouts is refused. Both concept files are read and every
+    category assigned before any image is decoded, so a bad row fails in seconds, not after caching.
     """
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(data_dir) / ".cache"
-    train_split = load_split(Path(data_dir), "train")
-    train = load_labelled_set(train_split, config, cache_dir)
-    valid_folder = Path(data_dir) / "valid"
-    if valid_folder.is_dir():
-        valid = load_labelled_set(load_split(Path(data_dir), "valid"), config, cache_dir)
-        return _name_uncategorised(train, valid)
-    (train,) = _name_uncategorised(train)
+    data_dir = Path(data_dir)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else data_dir / ".cache"
+    has_valid = (data_dir / "valid").is_dir()
+    splits = assign_categories([load_split(data_dir, "train"), *([load_split(data_dir, "valid")] if has_valid else [])], config)
+    image_sets = [load_labelled_set(split, config, cache_dir) for split in splits]
+    if has_valid:
+        return image_sets[0], image_sets[1]
+    train = image_sets[0]
     log.info("%s has no valid/ split: holding out %.0f%% of train", data_dir, 100 * config.data.validation_fraction)
     rng = np.random.default_rng(config.seed)
     held_out: list[int] = []
@@ -152,22 +155,54 @@ def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageS
     return train.subset(kept), train.subset(held)
 
 
-def _name_uncategorised(*image_sets: ImageSet) -> tuple[ImageSet, ...]:
-    """Give images outside category folders the category UNCATEGORISED, when no image has one."""
-    records = [record for image_set in image_sets for record in image_set.records]
+def assign_categories(splits: list[LabelledSplit], config: Config) -> list[LabelledSplit]:
+    """Folder categories as they are; flat splits get categories derived from their labels.
+
+    When no training image names a modality of the mapping (or the mapping is empty), flat data
+    stays one category, UNCATEGORISED, as before. A validation image of a category no training
+    image has cannot be routed there, so it is left out of routing (UNROUTED) like one with none.
+    """
+    records = [record for split in splits for record in split.records]
     flat = [record for record in records if record.category is None]
     if not flat:
-        return image_sets
+        return splits
     if len(flat) < len(records):
         raise DataError(
             flat[0].path,
             "this image lies directly in its split folder while others are in category sub-folders; "
             "use one layout for train/ and valid/",
         )
-    return tuple(
-        dataclasses.replace(image_set, records=[dataclasses.replace(record, category=UNCATEGORISED) for record in image_set.records])
-        for image_set in image_sets
-    )
+    mapping = ModalityMapping.from_config(config.categories)
+    derived = [derive_categories(split.concept_lists, mapping) for split in splits]
+    trained = set(derived[0].categories) - {UNROUTED}
+    if not trained:
+        why = "[categories] maps no CUI" if not mapping else "no training image has a modality CUI of [categories]"
+        log.info("flat train/ and valid/ folders, %s: one category, %s", why, UNCATEGORISED)
+        return [_with_categories(split, [UNCATEGORISED] * len(split)) for split in splits]
+    result = []
+    for split, found in zip(splits, derived):
+        log.info("%s: categories from modality CUIs: %s", split.name, found.summary())
+        unseen = sorted(set(found.categories) - trained - {UNROUTED})
+        if unseen:
+            log.warning("%s: categories %s have no training image; their images are left out of routing", split.name, ", ".join(unseen))
+        result.append(_with_categories(split, [category if category in trained else UNROUTED for category in found.categories]))
+    return result
+
+
+def _with_categories(split: LabelledSplit, categories: list[str]) -> LabelledSplit:
+    records = tuple(dataclasses.replace(record, category=category) for record, category in zip(split.records, categories))
+    return dataclasses.replace(split, records=records)
+
+
+def routed_subset(image_set: ImageSet) -> ImageSet:
+    """The images the router learns from: all but those without a derived category."""
+    keep = np.flatnonzero(np.array([category != UNROUTED for category in image_set.categories], dtype=bool))
+    return image_set if len(keep) == len(image_set.records) else image_set.subset(keep)
+
+
+def routable_categories(image_set: ImageSet) -> list[str]:
+    """The run's categories: what the router chooses between, each with a model (or a fallback)."""
+    return sorted({str(category) for category in image_set.categories} - {UNROUTED})
 
 
 def load_unlabelled_set(images_dir: Path, config: Config, cache_dir: Path) -> tuple[ImageSet, list[int]]:

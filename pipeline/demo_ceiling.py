@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from conceptclef.core.runfiles import read_json
 from conceptclef.data.concepts import read_concept_file
-from conceptclef.data.demo import DEMO_MARKER, rare_pool, sample_demo_images, visible_concept_probabilities
+from conceptclef.data.demo import DEMO_MARKER, named_for_layout, rare_pool, sample_demo_images, visible_concept_probabilities
 from conceptclef.data.errors import DataError
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.decoding import ExpectedF1Decoder
@@ -35,7 +35,7 @@ def demo_ceiling(out: Path | str, split: str = "test") -> dict[str, float]:
     summary = read_json(out / DEMO_MARKER)
     sizes = {name: int(summary["splits"][name]["images"]) for name in ("train", "valid", "test")}
     splits = sample_demo_images(sizes["train"], sizes["valid"], sizes["test"], np.random.default_rng(int(summary["seed"])))
-    images = splits[split]
+    images = named_for_layout(splits, str(summary.get("layout", "folders2020")))[split]
     written = read_concept_file(out / f"{split}_concepts.csv")
     if {image.image_id: list(image.cuis) for image in images} != written:
         raise DataError(out / f"{split}_concepts.csv", "does not match the demo.json it was written with")

@@ -23,7 +23,8 @@ from conceptclef.core.config import Config, ConfigError
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
-from conceptclef.pipeline.datasets import ImageSet, load_training_sets
+from conceptclef.pipeline.category_record import write_category_record
+from conceptclef.pipeline.datasets import ImageSet, load_training_sets, routable_categories
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.parallel import check_devices, run_on_devices
 from conceptclef.pipeline.preflight import SettingOrigin, check_data_fits, check_machine
@@ -63,8 +64,9 @@ def train_all(
     seed_everything(config.seed)
     train, valid = load_training_sets(Path(data_dir), config)
     check_data_fits(config, len(valid.records), str(data_dir), origin)
-    categories = sorted({str(category) for category in train.categories})
+    categories = routable_categories(train)
     manifest = _open_manifest(layout, Path(data_dir), categories)
+    write_category_record(layout, Path(data_dir), train, valid)
     if fitted_ensemble is not None and fitted_ensemble != config.ensemble and "ensemble" in manifest.finished_stages:
         log.info("run %s: [ensemble] changed; the networks are kept and the stacker and thresholds re-fitted", layout.root)
         manifest.forget_finished(["ensemble"], layout)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from conceptclef.data.cui_names import read_cui_names
+from conceptclef.data.concepts import read_cui_names
 from conceptclef.data.errors import ConceptFileError
 from conceptclef.pipeline.concept_report import band_summary, band_summary_markdown, concept_report, frequency_bands
 
@@ -50,5 +50,5 @@ def test_cui_names_file(tmp_path: Path) -> None:
     path.write_text('CUI,Canonical name\nC0040405,"X-Ray Computed Tomography"\nc0024485,"Magnetic Resonance Imaging, brain"\n')
     assert read_cui_names(path) == {"C0040405": "X-Ray Computed Tomography", "C0024485": "Magnetic Resonance Imaging, brain"}
     path.write_text("CUI,name\nC0040405,CT\nC004,short\n")
-    with pytest.raises(ConceptFileError, match=r"cui_mapping.csv:3: expected CUI,name, got 'C004,short'"):
+    with pytest.raises(ConceptFileError, match=r"cui_mapping.csv:3: expected CUI,NAME with a CUI of C and 7 digits, got 'C004,short'"):
         read_cui_names(path)

@@ -56,11 +56,11 @@ def test_concepts_depend_on_modality(demo_dataset: Path) -> None:
         by_category.setdefault(category, []).append(concepts)
     counts = Counter(split.categories)
     assert counts["DRCT"] > counts["DRMR"] > counts["DRPE"]  # imbalanced like the real data
-    own_modality = [MODALITIES[category].cui in concepts for category, concepts in zip(split.categories, split.concept_lists)]
-    assert np.mean(own_modality) > 0.85
-    for category, lists in by_category.items():
-        others = [m.cui for name, m in MODALITIES.items() if name != category]
-        assert not any(cui in concepts for concepts in lists for cui in others)
+    # Every image carries its modality concepts (PET and CT for the combined DRCO), and only those,
+    # so flat layouts can derive the category from the labels.
+    own = {category: set(modality.cuis) for category, modality in MODALITIES.items()}
+    every_modality = set().union(*own.values())
+    assert all(every_modality & set(concepts) == own[category] for category, concepts in zip(split.categories, split.concept_lists))
     doppler = FINDING_CUIS["doppler"]
     assert all(category == "DRUS" for category, concepts in zip(split.categories, split.concept_lists) if doppler in concepts)
 
@@ -77,3 +77,30 @@ def test_modality_is_visible_in_the_pixels(demo_dataset: Path) -> None:
     train_x, valid_x = features(train), features(valid)
     predicted = RidgeClassifier().fit(train_x, train.categories).predict(valid_x)
     assert np.mean(predicted == np.array(valid.categories)) > 0.85
+
+
+def test_flat_layouts_hold_the_same_images_and_labels(tmp_path: Path) -> None:
+    """flat2025 and flat2026 write the 2020 demo's images without category folders, ID,CUIs files
+    (one combined file and cui_mapping.csv in 2026): only the layout differs, so scores compare."""
+    from conceptclef.data.concepts import read_cui_names
+    from conceptclef.data.demo import COMBINED_CONCEPTS_FILE
+
+    for layout in ("folders2020", "flat2025", "flat2026"):
+        make_demo_dataset(tmp_path / layout, n_train=14, n_valid=7, n_test=4, seed=5, image_size=32, layout=layout)
+    folders, flat = tmp_path / "folders2020", tmp_path / "flat2025"
+    assert discover_categories(flat) == [] and (flat / "train_concepts.csv").read_text().startswith("ID,CUIs\n")
+    for split in ("train", "valid"):
+        reference = load_split(folders, split)
+        for layout in ("flat2025", "flat2026"):
+            loaded = load_split(tmp_path / layout, split)
+            numbers = [image_id.removeprefix("synpic").rsplit("_", 1)[-1] for image_id in loaded.image_ids]
+            assert numbers == [image_id.removeprefix("synpic") for image_id in reference.image_ids]
+            assert loaded.concept_lists == reference.concept_lists
+            assert all(record.category is None for record in loaded.records)
+        same = next(iter(reference.records))
+        assert (flat / split / same.path.name).read_bytes() == same.path.read_bytes()
+    assert load_split(tmp_path / "flat2026", "valid").source == tmp_path / "flat2026" / COMBINED_CONCEPTS_FILE
+    names = read_cui_names(tmp_path / "flat2026" / "cui_mapping.csv")
+    assert names["C0040405"] == "X-Ray Computed Tomography" and names["C0024485"] == "Magnetic Resonance Imaging"
+    with pytest.raises(DataError, match="unknown demo layout"):
+        make_demo_dataset(tmp_path / "other", layout="flat2019")

@@ -1,5 +1,7 @@
-"""Data without category folders (the ImageCLEF 2021-2025 layout): one category, no router to
-train, the global model serving it, and the whole chain still runs; mixed layouts are refused."""
+"""Data without category folders (the ImageCLEF 2021-2026 layout): categories derived from the
+modality CUIs train a router and per-category models as folders would; with the derivation off
+(or no modality CUI) it is one category, no router to train, the global model serving it, and
+the whole chain still runs; mixed layouts are refused."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import TEST_CONFIG, invoke, train
-from conceptclef.core.config import load_config
+from conceptclef.core.config import apply_overrides, load_config
 from conceptclef.data.demo import make_demo_dataset
 from conceptclef.data.errors import DataError
 from conceptclef.pipeline.datasets import UNCATEGORISED, load_training_sets
@@ -38,10 +40,21 @@ def demo(tmp_path_factory) -> Path:
     return root
 
 
-def test_flat_folders_are_one_category(demo):
-    train, valid = load_training_sets(demo / "flat", load_config(TEST_CONFIG))
+NO_DERIVATION = "categories.modality_cuis={}"
+
+
+def test_flat_folders_without_a_modality_mapping_are_one_category(demo):
+    config = apply_overrides(load_config(TEST_CONFIG), [NO_DERIVATION])
+    train, valid = load_training_sets(demo / "flat", config)
     assert {record.category for record in train.records + valid.records} == {UNCATEGORISED}
     assert len(train.records) == 120 and len(valid.records) == 60
+
+
+def test_flat_folders_get_the_folder_categories_back_from_their_labels(demo):
+    flat = load_training_sets(demo / "flat", load_config(TEST_CONFIG))
+    folders = load_training_sets(demo / "categorised", load_config(TEST_CONFIG))
+    for derived, truth in zip(flat, folders):
+        assert dict(zip(derived.image_ids, derived.categories)) == dict(zip(truth.image_ids, truth.categories))
 
 
 def test_a_split_mixing_flat_and_category_folders_is_refused(demo, tmp_path):
@@ -70,7 +83,7 @@ def test_single_category_router_routes_everything_and_round_trips(tmp_path):
 @pytest.mark.slow
 def test_whole_chain_on_flat_data(demo, tmp_path):
     run, data = tmp_path / "run", demo / "flat"
-    train(data, run)
+    train(data, run, "--set", NO_DERIVATION)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["categories"] == [UNCATEGORISED] and manifest["fallback_categories"] == [UNCATEGORISED]
     assert not (run / "router" / "checkpoint.pt").exists()  # nothing was trained for routing
@@ -84,5 +97,5 @@ def test_whole_chain_on_flat_data(demo, tmp_path):
     assert "stacked ensemble" in output and f"| {UNCATEGORISED} |" in output
     # Rerunning resumes: nothing is redone.
     stacker = (run / "ensemble" / "stacker.txt").stat().st_mtime_ns
-    train(data, run)
+    train(data, run, "--set", NO_DERIVATION)
     assert (run / "ensemble" / "stacker.txt").stat().st_mtime_ns == stacker
