@@ -125,13 +125,15 @@ def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> 
 UNCATEGORISED = "ALL"  # the one category of a dataset whose train/ folder has no category sub-folders
 
 
-def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageSet]:
+def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
     """The train and valid image sets; without a valid split, a stratified slice of train.
 
     Images straight in train/ and valid/ (no category sub-folders, as ImageCLEF 2021-2025 ship
     them) all belong to one category, UNCATEGORISED; a split mixing both layouts is refused.
+    `cache_dir` overrides where the image cache goes (train-all: see run_directory.image_cache_dir).
     """
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(data_dir) / ".cache"
+    if cache_dir is None:
+        cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(data_dir) / ".cache"
     train_split = load_split(Path(data_dir), "train")
     train = load_labelled_set(train_split, config, cache_dir)
     valid_folder = Path(data_dir) / "valid"

@@ -1,7 +1,9 @@
 """`train-all`: router, global model, per-category models, then the stacker and thresholds.
 
 Every stage leaves its files in the run directory and is skipped when they are complete, so
-rerunning the same command after a crash continues where it stopped. This module decides what to
+rerunning the same command after a crash continues where it stopped, provided the data are the
+ones the run recorded (pipeline/data_fingerprint.py); one process at a time holds a run directory
+(pipeline/run_lock.py). This module decides what to
 train; the base models then train one after the other here, or side by side on several devices
 through `pipeline.parallel`.
 """
@@ -14,20 +16,30 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, ConfigError
 from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.data.errors import DataError
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
+from conceptclef.pipeline.data_fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.datasets import ImageSet, load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.parallel import check_devices, run_on_devices
 from conceptclef.pipeline.ranks import barrier, is_main_process
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
+from conceptclef.pipeline.run_directory import (
+    Manifest,
+    RunLayout,
+    image_cache_dir,
+    resolve_run_config,
+    saved_ensemble_config,
+    write_run_config,
+)
+from conceptclef.pipeline.run_lock import run_lock
 from conceptclef.pipeline.stacking import fit_ensemble_stage
 from conceptclef.router import router_class_for
 
@@ -57,8 +69,19 @@ def train_all(
     layout = RunLayout(Path(run_dir))
     fitted_ensemble = saved_ensemble_config(layout)
     config = resolve_run_config(layout, config_path, overrides)
+    with run_lock(layout.root):
+        return _train_all_locked(layout, config, fitted_ensemble, Path(data_dir), only, devices)
+
+
+def _train_all_locked(
+    layout: RunLayout, config: Config, fitted_ensemble: Any, data_dir: Path, only: Sequence[str] | None, devices: Sequence[str] | None
+) -> Manifest:
+    """train_all once this process holds the run directory's lock."""
     seed_everything(config.seed)
-    train, valid = load_training_sets(Path(data_dir), config)
+    cache_dir = image_cache_dir(Path(data_dir), config, layout)
+    train, valid = load_training_sets(Path(data_dir), config, cache_dir)
+    _check_valid_categories(train, valid)
+    check_data_unchanged(layout.root, DataFingerprint.of(Path(data_dir), train, valid), resuming=layout.manifest_path.is_file())
     categories = sorted({str(category) for category in train.categories})
     manifest = _open_manifest(layout, Path(data_dir), categories)
     if fitted_ensemble is not None and fitted_ensemble != config.ensemble and "ensemble" in manifest.finished_stages:
@@ -80,7 +103,7 @@ def train_all(
     if jobs:
         manifest.forget_finished(["ensemble"], layout)
     if devices:
-        _train_in_parallel(jobs, devices, layout, Path(data_dir), config, train, valid)
+        _train_in_parallel(jobs, devices, layout, Path(data_dir), cache_dir, config, train, valid)
     else:
         _train_in_sequence(jobs, layout, config, train, valid)
     barrier()
@@ -164,13 +187,20 @@ def largest_first(jobs: Sequence[ModelJob]) -> list[ModelJob]:
 
 
 def _train_in_parallel(
-    jobs: list[ModelJob], devices: Sequence[str], layout: RunLayout, data_dir: Path, config: Config, train: ImageSet, valid: ImageSet
+    jobs: list[ModelJob],
+    devices: Sequence[str],
+    layout: RunLayout,
+    data_dir: Path,
+    cache_dir: Path,
+    config: Config,
+    train: ImageSet,
+    valid: ImageSet,
 ) -> None:
     expected = _image_ids_digest(train, valid)
     run_on_devices(
         largest_first(jobs),
         devices,
-        prepare=functools.partial(_prepare_worker, layout, data_dir, config, expected),
+        prepare=functools.partial(_prepare_worker, layout, data_dir, cache_dir, config, expected),
         work=_train_in_worker,
     )
 
@@ -183,13 +213,15 @@ class _WorkerContext:
     valid: ImageSet
 
 
-def _prepare_worker(layout: RunLayout, data_dir: Path, config: Config, expected_ids: str, device: str) -> _WorkerContext:
+def _prepare_worker(
+    layout: RunLayout, data_dir: Path, cache_dir: Path, config: Config, expected_ids: str, device: str
+) -> _WorkerContext:
     """In a worker: the same data as the parent (its cache is built, so this only opens it), on `device`.
 
     The device is an execution detail: the run's saved config keeps what the user asked for.
     """
     seed_everything(config.seed)
-    train, valid = load_training_sets(data_dir, config)
+    train, valid = load_training_sets(data_dir, config, cache_dir)
     if _image_ids_digest(train, valid) != expected_ids:
         raise RunDirectoryError(f"{data_dir}: the images changed while train-all was starting; run it again")
     return _WorkerContext(layout, config.replace(device=device), train, valid)
@@ -205,6 +237,19 @@ def _image_ids_digest(*image_sets: ImageSet) -> str:
         digest.update("\n".join(image_set.image_ids).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _check_valid_categories(train: ImageSet, valid: ImageSet) -> None:
+    """A validation category without training images: the router has no class for it, found before training."""
+    known = {str(category) for category in train.categories}
+    unseen = [record for record in valid.records if str(record.category) not in known]
+    if unseen:
+        names = sorted({str(record.category) for record in unseen})
+        raise DataError(
+            unseen[0].path,
+            f"validation category {', '.join(names)} ({len(unseen)} image(s)) has no training images, so no model "
+            "can learn it; add training images of it or move these validation images out",
+        )
 
 
 def _open_manifest(layout: RunLayout, data_dir: Path, categories: list[str]) -> Manifest:
