@@ -36,6 +36,7 @@ from conceptclef.data.errors import DataError
 from conceptclef.data.layout import find_concept_file
 from conceptclef.pipeline.datasets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.ranks import is_main_process
 
 log = logging.getLogger("conceptclef")
 
@@ -158,7 +159,8 @@ def check_data_unchanged(run_root: Path, fingerprint: DataFingerprint, resuming:
     if not path.is_file():
         if resuming:
             log.warning("%s: this run recorded no data fingerprint (older conceptclef); recording the current data", run_root)
-        fingerprint.save(path)
+        if is_main_process():
+            fingerprint.save(path)
         return
     recorded = DataFingerprint.load(path)
     changes = recorded.differences(fingerprint)
@@ -169,4 +171,5 @@ def check_data_unchanged(run_root: Path, fingerprint: DataFingerprint, resuming:
         )
     if recorded.data_dir != fingerprint.data_dir:
         log.info("%s: the same data, moved from %s to %s", run_root, recorded.data_dir, fingerprint.data_dir)
-        fingerprint.save(path)
+        if is_main_process():
+            fingerprint.save(path)

@@ -3,19 +3,19 @@
 Two train-all on the same --out would both see a stage as unfinished and both train it; with
 different --set values the files left depend on timing. The lock is an `fcntl.flock` on RUN/.lock:
 the kernel releases it when its process dies, however it dies, so a killed run never blocks the
-next one and no stale-pid guessing is needed. The file also names the holder's pid and host for
-the refusal message. It is never deleted (deleting a lock file lets two processes lock two files).
+next one and no stale-pid guessing is needed. The refusal names the holder's pid (from
+/proc/locks). The file stays empty and untouched, so a resume changes no file of a finished run,
+and it is never deleted (deleting a lock file lets two processes lock two files).
 
-Taking the lock is also the first write into the run directory, so an --out that is a file or lies
-in a read-only folder is one clear error before the data are even read. Holding the lock, the run
-is the only writer of its directory, so temporary files of killed runs there are removed.
+An --out that is a file or lies in a read-only folder is one clear error before the data are even
+read (`check_run_directory_writable`). Taking the lock, the run removes the temporary files that
+killed runs left in its directory.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,17 +31,39 @@ def _cannot_write(root: Path, error: OSError) -> RunDirectoryError:
     return RunDirectoryError(f"{root}: cannot write the run directory ({error.strerror}); choose a writable --out")
 
 
-def _check_writable(root: Path) -> None:
-    """Create the run directory and a file in it, as every stage will."""
+def check_run_directory_writable(root: Path | str) -> None:
+    """Refuse an --out that is a file or cannot be written, without creating anything.
+
+    Called before the data are read, so a refused start (bad data, bad --out) leaves no run
+    directory behind.
+    """
+    root = Path(root)
     if root.exists() and not root.is_dir():
         raise RunDirectoryError(f"{root}: --out is a file, not a run directory; choose a folder (new or a run to resume)")
+    existing = next(folder for folder in (root, *root.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise RunDirectoryError(f"{root}: {existing} is a file, so the run directory cannot be made; choose another --out")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        handle, probe = create_partial(root / LOCK_FILE)
+        handle, probe = create_partial(existing / LOCK_FILE)
         os.close(handle)
         probe.unlink()
     except OSError as error:
         raise _cannot_write(root, error) from None
+
+
+def _holder_pid(path: Path) -> int | None:
+    """The pid holding the flock on `path`, from /proc/locks (Linux); None when it cannot be told."""
+    try:
+        inode = path.stat().st_ino
+        with open("/proc/locks", encoding="ascii") as locks:
+            for line in locks:
+                fields = line.split()
+                # 1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @contextmanager
@@ -54,9 +76,10 @@ def run_lock(root: Path | str) -> Iterator[None]:
     if not is_main_process():
         yield
         return
-    _check_writable(root)
+    check_run_directory_writable(root)
     path = root / LOCK_FILE
     try:
+        root.mkdir(parents=True, exist_ok=True)
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
         raise _cannot_write(root, error) from None
@@ -64,13 +87,11 @@ def run_lock(root: Path | str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = _holder_pid(path)
             raise RunDirectoryError(
-                f"{root}: another train-all ({holder}) is using this run directory; "
+                f"{root}: another train-all{f' (pid {holder})' if holder else ''} is using this run directory; "
                 "wait for it to finish, or use another --out"
             ) from None
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         remove_leftover_partials(root)
         yield
     finally:

@@ -39,7 +39,7 @@ from conceptclef.pipeline.run_directory import (
     saved_ensemble_config,
     write_run_config,
 )
-from conceptclef.pipeline.run_lock import run_lock
+from conceptclef.pipeline.run_lock import check_run_directory_writable, run_lock
 from conceptclef.pipeline.stacking import fit_ensemble_stage
 from conceptclef.router import router_class_for
 
@@ -69,18 +69,29 @@ def train_all(
     layout = RunLayout(Path(run_dir))
     fitted_ensemble = saved_ensemble_config(layout)
     config = resolve_run_config(layout, config_path, overrides)
-    with run_lock(layout.root):
-        return _train_all_locked(layout, config, fitted_ensemble, Path(data_dir), only, devices)
-
-
-def _train_all_locked(
-    layout: RunLayout, config: Config, fitted_ensemble: Any, data_dir: Path, only: Sequence[str] | None, devices: Sequence[str] | None
-) -> Manifest:
-    """train_all once this process holds the run directory's lock."""
+    check_run_directory_writable(layout.root)
     seed_everything(config.seed)
     cache_dir = image_cache_dir(Path(data_dir), config, layout)
     train, valid = load_training_sets(Path(data_dir), config, cache_dir)
     _check_valid_categories(train, valid)
+    # Bad data are refused above without creating the run directory; from here on this process
+    # is the only one writing it.
+    with run_lock(layout.root):
+        return _train_all_locked(layout, config, fitted_ensemble, Path(data_dir), cache_dir, train, valid, only, devices)
+
+
+def _train_all_locked(
+    layout: RunLayout,
+    config: Config,
+    fitted_ensemble: Any,
+    data_dir: Path,
+    cache_dir: Path,
+    train: ImageSet,
+    valid: ImageSet,
+    only: Sequence[str] | None,
+    devices: Sequence[str] | None,
+) -> Manifest:
+    """train_all once the data are loaded and this process holds the run directory's lock."""
     check_data_unchanged(layout.root, DataFingerprint.of(Path(data_dir), train, valid), resuming=layout.manifest_path.is_file())
     categories = sorted({str(category) for category in train.categories})
     manifest = _open_manifest(layout, Path(data_dir), categories)
