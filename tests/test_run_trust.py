@@ -33,22 +33,9 @@ from conceptclef.pipeline.data_fingerprint import FINGERPRINT_FILE, DataFingerpr
 from conceptclef.pipeline.datasets import load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.run_lock import run_lock
+from test_reliability_inputs import data, pristine  # noqa: F401 - the same small demo dataset and its fresh copies
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trust") / "DATA"
-    make_demo_dataset(out, n_train=60, n_valid=40, n_test=10, seed=0, image_size=40)
-    return out
-
-
-@pytest.fixture()
-def data(pristine: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "DATA"
-    shutil.copytree(pristine, copy, ignore=shutil.ignore_patterns(".cache"))
-    return copy
 
 
 @pytest.fixture()
@@ -143,7 +130,7 @@ def test_other_data_folder_is_named_unless_it_is_the_same_data_moved(data, tmp_p
     shutil.copytree(data, moved, copy_function=shutil.copy2)  # keeps mtimes: the same files
     assert before.differences(_fingerprint(moved)) == []
     other = tmp_path / "other"
-    make_demo_dataset(other, n_train=60, n_valid=40, n_test=10, seed=1, image_size=40)
+    make_demo_dataset(other, n_train=70, n_valid=35, n_test=10, seed=1, image_size=48)
     changes = before.differences(_fingerprint(other))
     assert any(change.startswith("train: ") for change in changes), changes
     assert changes[-1] == f"data folder was {data.resolve()}, now {other.resolve()}"
@@ -212,7 +199,7 @@ def test_read_only_data_folder_caches_inside_the_run(data, tmp_path, read_only):
     )
     result = run_with_file_permissions([sys.executable, "-c", script])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(run / "cache"), "60", "40"]
+    assert result.stdout.split() == [str(run / "cache"), "70", "35"]
     assert "is not writable (Permission denied)" in result.stderr
     assert not (data / ".cache").exists()
     assert len(list((run / "cache").glob("images-*.npy"))) == 2
@@ -224,6 +211,7 @@ def test_read_only_data_folder_caches_inside_the_run(data, tmp_path, read_only):
 _HOLD_LOCK = """
 import sys, time
 from conceptclef.pipeline.run_lock import run_lock
+from test_reliability_inputs import data, pristine  # noqa: F401 - the same small demo dataset and its fresh copies
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
