@@ -258,8 +258,9 @@ def _check_valid_categories(train: ImageSet, valid: ImageSet) -> None:
         names = sorted({str(record.category) for record in unseen})
         raise DataError(
             unseen[0].path,
-            f"validation category {', '.join(names)} ({len(unseen)} image(s)) has no training images, so no model "
-            "can learn it; add training images of it or move these validation images out",
+            f"validation category {', '.join(names)} ({len(unseen)} image(s)) has no training images (training "
+            f"categories: {', '.join(sorted(known))}), so no model can learn it; add training images of it or move "
+            "these validation images out",
         )
 
 
