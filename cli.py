@@ -22,17 +22,30 @@ def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings 
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Show bad input as one clear line (file:line: problem) and exit 2, not as a traceback."""
+    """Show bad input as one clear line (file:line: problem) and exit 2, not as a traceback.
+
+    A filesystem failure (read-only folder, disk full) is one line naming the file, exit 1; SIGTERM
+    ends the command through its clean-up code (exit 143), so it can be resumed.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from conceptclef.core.termination import Terminated, sigterm_raises
         from conceptclef.pipeline.errors import USER_ERRORS
 
         try:
-            return command(*args, **kwargs)
+            with sigterm_raises():
+                return command(*args, **kwargs)
         except USER_ERRORS as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
+        except Terminated:
+            typer.echo("error: stopped by SIGTERM; the finished files are kept: rerun the same command to resume", err=True)
+            raise typer.Exit(code=Terminated.exit_code) from None
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            typer.echo(f"error: {where}{error.strerror or error}", err=True)
+            raise typer.Exit(code=1) from None
 
     return wrapper
 

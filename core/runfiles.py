@@ -2,19 +2,21 @@
 
 Every file is written to a temporary sibling, flushed to disk and renamed over the target, so a
 run killed at any moment leaves either the old file or the new one, never half of one. Readers
-can therefore trust any file that exists.
+can therefore trust any file that exists. Files get the mode the umask allows, and the
+temporary sibling of a killed writer is removed by the next run (core/partial_files.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
+
+from conceptclef.core.partial_files import create_partial
 
 
 @contextmanager
@@ -22,7 +24,7 @@ def atomic_output(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary file that replaces `path` only when the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    handle, temporary = create_partial(path)
     try:
         with os.fdopen(handle, mode) as stream:
             yield stream
@@ -30,7 +32,7 @@ def atomic_output(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -5,7 +5,8 @@ the global model and every per-category model read the same images for many epoc
 cache file exists per (list of source files, image size); its metadata records a key made of every
 file's (path, size, mtime_ns) and the preprocessing version, and any difference rebuilds it. The
 array is written to a temporary file and renamed only when complete (its metadata is removed
-first and written last), so a build killed half-way is never mistaken for a cache.
+first and written last), so a build killed half-way is never mistaken for a cache; the next
+build removes such a killed build's temporary file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from conceptclef.core.partial_files import create_partial, remove_leftover_partials
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.errors import ImageReadError
 from conceptclef.data.images import load_resized_array
@@ -72,6 +73,8 @@ class ImageCache:
             empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
             empty.flags.writeable = False
             return CachedImages(empty)
+        # A build killed by SIGKILL cannot remove its (image-cache-sized) temporary file: this one can.
+        remove_leftover_partials(self.cache_dir)
         sources = [_source_entry(path) for path in paths]
         key = _cache_key(sources, image_size, self.version)
         array_path, meta_path = self._files(paths, image_size)
@@ -107,7 +110,7 @@ class ImageCache:
         meta_path: Path,
     ) -> dict:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{array_path.name}.", suffix=".partial", dir=self.cache_dir)
+        handle, temporary = create_partial(array_path)
         os.close(handle)
         try:
             array = np.lib.format.open_memmap(
@@ -121,7 +124,7 @@ class ImageCache:
             meta_path.unlink(missing_ok=True)
             os.replace(temporary, array_path)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
         metadata = {
             "format": _FORMAT,

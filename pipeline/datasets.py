@@ -126,16 +126,18 @@ def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> 
 UNCATEGORISED = "ALL"  # the one category of flat data whose labels name no modality (or with derivation off)
 
 
-def load_training_sets(data_dir: Path, config: Config) -> tuple[ImageSet, ImageSet]:
+def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
     """The train and valid image sets; without a valid split, a stratified slice of train.
 
     Images straight in train/ and valid/ (no category sub-folders, as ImageCLEF 2021-2026 ship
     them) get their category from their modality CUIs (data.modalities, [categories] in the
     config); a split mixing both layouts is refused. Both concept files are read and every
     category assigned before any image is decoded, so a bad row fails in seconds, not after caching.
+    `cache_dir` overrides where the image cache goes (train-all: see run_directory.image_cache_dir).
     """
     data_dir = Path(data_dir)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else data_dir / ".cache"
+    if cache_dir is None:
+        cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else data_dir / ".cache"
     has_valid = (data_dir / "valid").is_dir()
     splits = assign_categories([load_split(data_dir, "train"), *([load_split(data_dir, "valid")] if has_valid else [])], config)
     image_sets = [load_labelled_set(split, config, cache_dir) for split in splits]

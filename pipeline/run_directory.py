@@ -8,14 +8,19 @@ error instead of silently mixing two runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from conceptclef.core.config import Config, ConfigError, apply_overrides, load_config, save_config
+from conceptclef.core.partial_files import create_partial
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.ranks import is_main_process
+
+log = logging.getLogger("conceptclef")
 
 MANIFEST_VERSION = 1
 
@@ -125,6 +130,27 @@ def resolve_run_config(layout: RunLayout, config_path: Path | None, overrides: S
 def saved_ensemble_config(layout: RunLayout) -> Any:
     """The [ensemble] section the run was last fitted with (None for a new run)."""
     return load_config(layout.config_path).ensemble if layout.config_path.is_file() else None
+
+
+def image_cache_dir(data_dir: Path, config: Config, layout: RunLayout) -> Path:
+    """Where train-all caches the images: data.cache_dir, else DATA/.cache, else (read-only data) RUN/cache.
+
+    DATA/.cache is shared by every run on the same data; when the data folder cannot be written
+    (a read-only dataset mount, another user's folder) the cache goes into the run directory
+    instead of failing on the first cache write.
+    """
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir)
+    shared = Path(data_dir) / ".cache"
+    try:
+        shared.mkdir(exist_ok=True)
+        handle, probe = create_partial(shared / "probe")
+        os.close(handle)
+        probe.unlink()
+    except OSError as error:
+        log.warning("%s is not writable (%s): caching the images in %s (set data.cache_dir to choose)", shared, error.strerror, layout.cache_dir)
+        return layout.cache_dir
+    return shared
 
 
 def write_run_config(layout: RunLayout, config: Config) -> None:

@@ -1,7 +1,9 @@
 """`train-all`: router, global model, per-category models, then the stacker and thresholds.
 
 Every stage leaves its files in the run directory and is skipped when they are complete, so
-rerunning the same command after a crash continues where it stopped. This module decides what to
+rerunning the same command after a crash continues where it stopped, provided the data are the
+ones the run recorded (pipeline/data_fingerprint.py); one process at a time holds a run directory
+(pipeline/run_lock.py). This module decides what to
 train; the base models then train one after the other here, or side by side on several devices
 through `pipeline.parallel`.
 """
@@ -14,22 +16,33 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, ConfigError
 from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.data.errors import DataError
+from conceptclef.data.modalities import UNROUTED
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
 from conceptclef.pipeline.category_record import write_category_record
+from conceptclef.pipeline.data_fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.datasets import ImageSet, load_training_sets, routable_categories
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.parallel import check_devices, run_on_devices
 from conceptclef.pipeline.preflight import SettingOrigin, check_data_fits, check_machine
 from conceptclef.pipeline.ranks import barrier, is_main_process
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
+from conceptclef.pipeline.run_directory import (
+    Manifest,
+    RunLayout,
+    image_cache_dir,
+    resolve_run_config,
+    saved_ensemble_config,
+    write_run_config,
+)
+from conceptclef.pipeline.run_lock import check_run_directory_writable, run_lock
 from conceptclef.pipeline.stacking import fit_ensemble_stage
 from conceptclef.router import router_class_for
 
@@ -61,9 +74,31 @@ def train_all(
     config = resolve_run_config(layout, config_path, overrides)
     origin = SettingOrigin(config_path, overrides, layout.config_path)
     check_machine(config, origin, _networks_to_train(layout, only), check_device=not devices)  # --devices: checked above
+    check_run_directory_writable(layout.root)
     seed_everything(config.seed)
-    train, valid = load_training_sets(Path(data_dir), config)
+    cache_dir = image_cache_dir(Path(data_dir), config, layout)
+    train, valid = load_training_sets(Path(data_dir), config, cache_dir)
     check_data_fits(config, len(valid.records), str(data_dir), origin)
+    _check_valid_categories(train, valid)
+    # Bad data are refused above without creating the run directory; from here on this process
+    # is the only one writing it.
+    with run_lock(layout.root):
+        return _train_all_locked(layout, config, fitted_ensemble, Path(data_dir), cache_dir, train, valid, only, devices)
+
+
+def _train_all_locked(
+    layout: RunLayout,
+    config: Config,
+    fitted_ensemble: Any,
+    data_dir: Path,
+    cache_dir: Path,
+    train: ImageSet,
+    valid: ImageSet,
+    only: Sequence[str] | None,
+    devices: Sequence[str] | None,
+) -> Manifest:
+    """train_all once the data are loaded and this process holds the run directory's lock."""
+    check_data_unchanged(layout.root, DataFingerprint.of(Path(data_dir), train, valid), resuming=layout.manifest_path.is_file())
     categories = routable_categories(train)
     manifest = _open_manifest(layout, Path(data_dir), categories)
     write_category_record(layout, Path(data_dir), train, valid)
@@ -86,7 +121,7 @@ def train_all(
     if jobs:
         manifest.forget_finished(["ensemble"], layout)
     if devices:
-        _train_in_parallel(jobs, devices, layout, Path(data_dir), config, train, valid)
+        _train_in_parallel(jobs, devices, layout, Path(data_dir), cache_dir, config, train, valid)
     else:
         _train_in_sequence(jobs, layout, config, train, valid)
     barrier()
@@ -170,13 +205,20 @@ def largest_first(jobs: Sequence[ModelJob]) -> list[ModelJob]:
 
 
 def _train_in_parallel(
-    jobs: list[ModelJob], devices: Sequence[str], layout: RunLayout, data_dir: Path, config: Config, train: ImageSet, valid: ImageSet
+    jobs: list[ModelJob],
+    devices: Sequence[str],
+    layout: RunLayout,
+    data_dir: Path,
+    cache_dir: Path,
+    config: Config,
+    train: ImageSet,
+    valid: ImageSet,
 ) -> None:
     expected = _image_ids_digest(train, valid)
     run_on_devices(
         largest_first(jobs),
         devices,
-        prepare=functools.partial(_prepare_worker, layout, data_dir, config, expected),
+        prepare=functools.partial(_prepare_worker, layout, data_dir, cache_dir, config, expected),
         work=_train_in_worker,
     )
 
@@ -189,13 +231,15 @@ class _WorkerContext:
     valid: ImageSet
 
 
-def _prepare_worker(layout: RunLayout, data_dir: Path, config: Config, expected_ids: str, device: str) -> _WorkerContext:
+def _prepare_worker(
+    layout: RunLayout, data_dir: Path, cache_dir: Path, config: Config, expected_ids: str, device: str
+) -> _WorkerContext:
     """In a worker: the same data as the parent (its cache is built, so this only opens it), on `device`.
 
     The device is an execution detail: the run's saved config keeps what the user asked for.
     """
     seed_everything(config.seed)
-    train, valid = load_training_sets(data_dir, config)
+    train, valid = load_training_sets(data_dir, config, cache_dir)
     if _image_ids_digest(train, valid) != expected_ids:
         raise RunDirectoryError(f"{data_dir}: the images changed while train-all was starting; run it again")
     return _WorkerContext(layout, config.replace(device=device), train, valid)
@@ -211,6 +255,20 @@ def _image_ids_digest(*image_sets: ImageSet) -> str:
         digest.update("\n".join(image_set.image_ids).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _check_valid_categories(train: ImageSet, valid: ImageSet) -> None:
+    """A validation category without training images: the router has no class for it, found before training."""
+    known = {str(category) for category in train.categories}
+    unseen = [record for record in valid.records if str(record.category) not in known | {UNROUTED}]
+    if unseen:
+        names = sorted({str(record.category) for record in unseen})
+        raise DataError(
+            unseen[0].path,
+            f"validation category {', '.join(names)} ({len(unseen)} image(s)) has no training images (training "
+            f"categories: {', '.join(sorted(known))}), so no model can learn it; add training images of it or move "
+            "these validation images out",
+        )
 
 
 def _open_manifest(layout: RunLayout, data_dir: Path, categories: list[str]) -> Manifest:

@@ -276,3 +276,63 @@ def test_changed_network_settings_are_refused_on_resume(run, demo, tmp_path):
     assert result.exit_code == 2
     assert "differs from the config this run was started with" in result.output
     assert (copy / "config.toml").read_text() == config_before
+
+
+def _resume_on(data: Path, run: Path, tmp_path: Path):
+    """train-all on a copy of the run with `data`; the copy's trained files must be left as they were."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+
+    def trained_files() -> dict[Path, bytes]:
+        return {path: path.read_bytes() for path in copy.rglob("*") if path.is_file() and path.name not in (".lock", "data.json")}
+
+    files = trained_files()
+    result = run_cli("train-all", "--data", data, "--out", copy)
+    assert trained_files() == files
+    return result
+
+
+def _copy_of(demo: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(demo, copy, ignore=shutil.ignore_patterns(".cache"))  # copy2: the same files, moved
+    return copy
+
+
+def test_resume_with_relabelled_validation_images_is_refused(run, demo, tmp_path):
+    """Same vocabulary, other validation labels: the old ensemble must not come back as the result."""
+    data = _copy_of(demo, tmp_path)
+    concepts = data / "valid_concepts.csv"
+    lines = concepts.read_text().splitlines()
+    image_id, first_cuis = lines[0].split("\t")
+    _, second_cuis = lines[1].split("\t")
+    lines[0] = f"{image_id}\t{second_cuis}"
+    assert second_cuis != first_cuis
+    concepts.write_text("\n".join(lines) + "\n")
+    result = _resume_on(data, run, tmp_path)
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert f"valid: 1 image(s) relabelled ({image_id})" in message
+    assert "valid concept file changed" in message and "use a new --out directory" in message
+
+
+def test_resume_with_an_added_image_is_refused(run, demo, tmp_path):
+    data = _copy_of(demo, tmp_path)
+    source = sorted((data / "train" / "DRCT").glob("*.jpg"))[0]
+    shutil.copy(source, source.with_name("added_image.jpg"))
+    row = next(line for line in (data / "train_concepts.csv").read_text().splitlines() if line.startswith(source.stem + "\t"))
+    with open(data / "train_concepts.csv", "a") as stream:
+        stream.write(row.replace(source.stem, "added_image", 1) + "\n")
+    result = _resume_on(data, run, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "train: 1 image(s) added (added_image)" in result.output
+
+
+def test_resume_with_data_from_another_folder_is_refused_unless_the_same_files(run, demo, tmp_path):
+    moved = _copy_of(demo, tmp_path)
+    assert _resume_on(moved, run, tmp_path / "moved").exit_code == 0  # the same data in another place
+    assert json.loads((tmp_path / "moved" / "run" / "data.json").read_text())["data_dir"] == str(moved.resolve())
+    other = tmp_path / "other"
+    make_demo_dataset(other, n_train=210, n_valid=140, n_test=60, seed=1, image_size=64)
+    result = _resume_on(other, run, tmp_path / "other-run")
+    assert result.exit_code == 2, result.output
+    assert f"data folder was {demo.resolve()}, now {other.resolve()}" in result.output
