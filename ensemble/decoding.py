@@ -13,11 +13,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.base import BaseEstimator
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
-from conceptclef.ensemble.stacker import image_folds
+from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
@@ -35,7 +36,7 @@ class Decider(Protocol):
     def save(self, path: str | Path) -> Path: ...
 
 
-class ExpectedF1Decoder:
+class ExpectedF1Decoder(BaseEstimator):
     """Per image, keep the top-k concepts maximising E[F1(k)] ≈ 2 Σ_{i≤k} p_i / (k + Σ_i p_i + m).
 
     `m` (`expected_missing_`) is the mean number of true concepts per image that the probabilities
@@ -111,7 +112,7 @@ class ExpectedF1Decoder:
             path,
             {
                 "kind": "expected_f1",
-                "params": {"min_labels": self.min_labels, "max_labels": self.max_labels},
+                "params": self.get_params(),
                 "expected_missing": getattr(self, "expected_missing_", 0.0),
             },
         )
@@ -148,8 +149,7 @@ def cross_validated_score(
 ) -> float:
     """Mean over folds of the official F1 on the held-out images of a rule fitted on the others."""
     scores = []
-    for fold in np.unique(folds):
-        train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    for train, held in fold_splits(folds):
         outside_train = None if truth_outside is None else np.asarray(truth_outside)[train]
         outside_held = None if truth_outside is None else np.asarray(truth_outside)[held]
         decider = make_decider(name, config).fit(probs[train], truth[train], outside_train)

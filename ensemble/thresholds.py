@@ -11,10 +11,10 @@ one tuned global threshold with `prior_strength` pseudo-positives.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.base import BaseEstimator
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
@@ -89,8 +89,11 @@ def concept_gain_curve(
     return np.cumsum(np.where(scored, delta, 0.0))
 
 
-class ConceptThresholdTuner:
-    """Per-concept thresholds maximising the mean per-image F1, then a per-image label-count rule."""
+class ConceptThresholdTuner(BaseEstimator):
+    """Per-concept thresholds maximising the mean per-image F1, then a per-image label-count rule.
+
+    `get_params`, `set_params` and `sklearn.base.clone` come from scikit-learn's `BaseEstimator`.
+    """
 
     def __init__(
         self,
@@ -109,15 +112,6 @@ class ConceptThresholdTuner:
     @classmethod
     def from_config(cls, config: EnsembleConfig) -> "ConceptThresholdTuner":
         return cls(config.threshold_prior_strength, config.min_labels, config.max_labels)
-
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "prior_strength": self.prior_strength,
-            "min_labels": self.min_labels,
-            "max_labels": self.max_labels,
-            "sweeps": self.sweeps,
-            "tolerance": self.tolerance,
-        }
 
     def fit(
         self,
