@@ -17,7 +17,7 @@ from conceptclef.core.config import load_config
 from conceptclef.router import ModalityRouter
 from conceptclef.training.backbones import ImageClassifier
 from conceptclef.training.checkpoints import CheckpointError
-from conceptclef.training.synthetic import class_concepts, colour_coded_images
+from synthetic_images import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")
