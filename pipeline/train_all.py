@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,16 +29,9 @@ from conceptclef.pipeline.ranks import barrier, is_main_process
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, resolve_run_config, saved_ensemble_config, write_run_config
 from conceptclef.pipeline.stacking import fit_ensemble_stage
 from conceptclef.router import router_class_for
+from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train_all(
