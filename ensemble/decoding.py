@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
 from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
@@ -106,23 +107,12 @@ class ExpectedF1Decoder(BaseEstimator):
         return result
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / EXPECTED_F1_FILE
-        atomic_write_json(
-            path,
-            {
-                "kind": "expected_f1",
-                "params": self.get_params(),
-                "expected_missing": getattr(self, "expected_missing_", 0.0),
-            },
-        )
-        return path
+        learned = {"expected_missing": getattr(self, "expected_missing_", 0.0)}
+        return save_rule(path, EXPECTED_F1_FILE, "expected_f1", self.get_params(), learned)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpectedF1Decoder":
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / EXPECTED_F1_FILE
-        payload = read_json(path)
+        payload = read_rule(path, EXPECTED_F1_FILE)
         decoder = cls(**payload["params"])
         decoder.expected_missing_ = float(payload["expected_missing"])
         return decoder

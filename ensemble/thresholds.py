@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator
 
 from conceptclef.core.config import EnsembleConfig
-from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -201,26 +201,17 @@ class ConceptThresholdTuner(BaseEstimator):
 
     def save(self, path: str | Path) -> Path:
         """JSON (a .json path, or DIR/thresholds.json); floats are written exactly."""
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / THRESHOLDS_FILE
-        atomic_write_json(
-            path,
-            {
-                "kind": "concept_thresholds",
-                "params": self.get_params(),
-                "global_threshold": self.global_threshold_,
-                "thresholds": self.thresholds_.tolist(),
-                "n_positives": self.n_positives_.tolist(),
-                "sweep_scores": self.sweep_scores_,
-            },
-        )
-        return path
+        learned = {
+            "global_threshold": self.global_threshold_,
+            "thresholds": self.thresholds_.tolist(),
+            "n_positives": self.n_positives_.tolist(),
+            "sweep_scores": self.sweep_scores_,
+        }
+        return save_rule(path, THRESHOLDS_FILE, "concept_thresholds", self.get_params(), learned)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptThresholdTuner":
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / THRESHOLDS_FILE
-        payload = read_json(path)
+        payload = read_rule(path, THRESHOLDS_FILE)
         tuner = cls(**payload["params"])
         tuner.global_threshold_ = float(payload["global_threshold"])
         tuner.thresholds_ = np.asarray(payload["thresholds"], dtype=np.float64)
