@@ -13,11 +13,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.base import BaseEstimator
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
-from conceptclef.ensemble.stacker import image_folds
+from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
@@ -35,7 +37,7 @@ class Decider(Protocol):
     def save(self, path: str | Path) -> Path: ...
 
 
-class ExpectedF1Decoder:
+class ExpectedF1Decoder(BaseEstimator):
     """Per image, keep the top-k concepts maximising E[F1(k)] ≈ 2 Σ_{i≤k} p_i / (k + Σ_i p_i + m).
 
     `m` (`expected_missing_`) is the mean number of true concepts per image that the probabilities
@@ -105,23 +107,12 @@ class ExpectedF1Decoder:
         return result
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / EXPECTED_F1_FILE
-        atomic_write_json(
-            path,
-            {
-                "kind": "expected_f1",
-                "params": {"min_labels": self.min_labels, "max_labels": self.max_labels},
-                "expected_missing": getattr(self, "expected_missing_", 0.0),
-            },
-        )
-        return path
+        learned = {"expected_missing": getattr(self, "expected_missing_", 0.0)}
+        return save_rule(path, EXPECTED_F1_FILE, "expected_f1", self.get_params(), learned)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpectedF1Decoder":
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / EXPECTED_F1_FILE
-        payload = read_json(path)
+        payload = read_rule(path, EXPECTED_F1_FILE)
         decoder = cls(**payload["params"])
         decoder.expected_missing_ = float(payload["expected_missing"])
         return decoder
@@ -148,8 +139,7 @@ def cross_validated_score(
 ) -> float:
     """Mean over folds of the official F1 on the held-out images of a rule fitted on the others."""
     scores = []
-    for fold in np.unique(folds):
-        train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    for train, held in fold_splits(folds):
         outside_train = None if truth_outside is None else np.asarray(truth_outside)[train]
         outside_held = None if truth_outside is None else np.asarray(truth_outside)[held]
         decider = make_decider(name, config).fit(probs[train], truth[train], outside_train)

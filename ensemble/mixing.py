@@ -9,6 +9,8 @@ to trust it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from conceptclef.ensemble.inputs import StackingInputs
@@ -24,15 +26,31 @@ def category_source(inputs: StackingInputs, category: str) -> np.ndarray:
     return inputs.category_probs.get(category, inputs.global_probs)
 
 
+def category_positions(inputs: StackingInputs, names: Sequence[str]) -> np.ndarray:
+    """Each name's position in `inputs.categories`; -1 for a name the router does not know."""
+    position = {name: index for index, name in enumerate(inputs.categories)}
+    return np.array([position.get(name, -1) for name in names], dtype=np.int64)
+
+
+def assigned_block(inputs: StackingInputs, assigned: np.ndarray, rows: slice) -> np.ndarray:
+    """Each image's probabilities from the model of its assigned category, for a block of consecutive images.
+
+    `assigned[i]` is a position in `inputs.categories` (-1: no category, the global model serves
+    it); float32, NaN where that category's model does not know the concept. Routing by the
+    router (`routed_block`) and by the true categories (the ablation's oracle) both come here.
+    """
+    assigned = np.asarray(assigned)
+    block = np.empty((assigned.size, inputs.n_concepts), dtype=np.float32)
+    sources = [(assigned == c, category_source(inputs, name)) for c, name in enumerate(inputs.categories)]
+    for mask, source in [*sources, (assigned < 0, inputs.global_probs)]:
+        if mask.any():
+            block[mask] = source[rows][mask]
+    return block
+
+
 def routed_block(inputs: StackingInputs, rows: slice) -> np.ndarray:
     """The routed category model's probabilities for a block of consecutive images, float32."""
-    routed = routed_index(inputs.router_probs[rows])
-    block = np.empty((routed.size, inputs.n_concepts), dtype=np.float32)
-    for c, name in enumerate(inputs.categories):
-        mask = routed == c
-        if mask.any():
-            block[mask] = category_source(inputs, name)[rows][mask]
-    return block
+    return assigned_block(inputs, routed_index(inputs.router_probs[rows]), rows)
 
 
 def mixture_block(inputs: StackingInputs, rows: slice) -> tuple[np.ndarray, np.ndarray]:

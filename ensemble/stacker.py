@@ -13,20 +13,17 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-# LightGBM's OpenMP threads spin while waiting; on a shared 2-core machine a busy neighbour then
-# makes a 2-thread fit 3-4x SLOWER than a 1-thread one (measured 15-22 s vs 5 s). Passive waiting
-# removes that cliff. Only a default: an explicit setting, or an OpenMP runtime already loaded, wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import lightgbm as lgb
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator
 
-import lightgbm as lgb  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-
-from conceptclef.core.config import EnsembleConfig  # noqa: E402
-from conceptclef.core.runfiles import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from conceptclef.ensemble.features import PairTable, build_pair_table  # noqa: E402
-from conceptclef.ensemble.inputs import StackingInputs  # noqa: E402
-from conceptclef.ensemble.sparse_ops import as_bool_csr, gather  # noqa: E402
+from conceptclef.core.config import EnsembleConfig
+from conceptclef.core.runfiles import atomic_write_json, atomic_write_text, read_json
+from conceptclef.ensemble.features import PairTable, build_pair_table
+from conceptclef.ensemble.folds import fold_splits, image_folds
+from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.sparse_ops import as_bool_csr, gather
 
 MODEL_FILE = "stacker.txt"
 
@@ -48,8 +45,12 @@ def pair_labels(table: PairTable, truth: sp.spmatrix | np.ndarray) -> np.ndarray
     return gather(as_bool_csr(truth), table.candidates.rows, table.candidates.cols).astype(np.float32)
 
 
-class ConceptStacker:
-    """LightGBM over candidate pairs; `predict_proba` gives a CSR of stacked probabilities."""
+class ConceptStacker(BaseEstimator):
+    """LightGBM over candidate pairs; `predict_proba` gives a CSR of stacked probabilities.
+
+    A scikit-learn estimator: `get_params`, `set_params` and `sklearn.base.clone` come from
+    `BaseEstimator`, read off `__init__`.
+    """
 
     def __init__(
         self,
@@ -80,17 +81,6 @@ class ConceptStacker:
             seed=seed,
             num_threads=num_threads,
         )
-
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "candidates_per_model": self.candidates_per_model,
-            "num_leaves": self.num_leaves,
-            "n_estimators": self.n_estimators,
-            "learning_rate": self.learning_rate,
-            "min_child_samples": self.min_child_samples,
-            "seed": self.seed,
-            "num_threads": self.num_threads,
-        }
 
     def _lightgbm_params(self) -> dict[str, Any]:
         return {
@@ -215,17 +205,6 @@ def table_to_csr(table: PairTable, probabilities: np.ndarray) -> sp.csr_matrix:
     return matrix
 
 
-def image_folds(n_images: int, n_folds: int, seed: int) -> np.ndarray:
-    """A fold number per image: a seeded shuffle dealt round-robin, so folds differ in size by at most 1."""
-    if n_folds < 2:
-        raise ValueError(f"cross-fitting needs at least 2 folds, got {n_folds}")
-    if n_images < n_folds:
-        raise ValueError(f"{n_images} images cannot be split into {n_folds} folds")
-    folds = np.empty(n_images, dtype=np.int64)
-    folds[np.random.default_rng(seed).permutation(n_images)] = np.arange(n_images) % n_folds
-    return folds
-
-
 class CrossFit(NamedTuple):
     """Out-of-fold stacked probabilities for every image, and the stacker fitted on all images."""
 
@@ -261,35 +240,34 @@ def cross_fit_table(
 ) -> tuple[np.ndarray, ConceptStacker, int]:
     """(out-of-fold probability per pair, stacker fitted on every pair, boosting rounds) on a built table.
 
-    `image_fold[i]` is image i's fold. With `config.choose_rounds`, the folds also pick how many
-    boosting rounds to keep: the count with the lowest held-out log-loss summed over folds (at
-    most `n_estimators`). The stacker learns from the validation split only, so the right amount
-    of boosting depends on its size: a few hundred images want far fewer trees than 16,000.
+    `image_fold[i]` is image i's fold (`ensemble.folds.image_folds`); every pair follows its image.
+    With `config.choose_rounds`, the folds also pick how many boosting rounds to keep: the count
+    with the lowest held-out log-loss summed over folds (at most `n_estimators`). The stacker
+    learns from the validation split only, so the right amount of boosting depends on its size:
+    a few hundred images want far fewer trees than 16,000.
     A fold stops `rounds_patience` rounds after its own best, so a generous `n_estimators` costs
     little; the sum is taken over the rounds every fold ran.
     """
-    pair_fold = np.asarray(image_fold)[table.candidates.rows]
-    fold_models, held_out_masks, weighted_losses = [], [], []
-    for fold in range(config.folds):
-        held_out = pair_fold == fold
+    fold_models, held_out_rows, weighted_losses = [], [], []
+    for fit_on, held_out in fold_splits(np.asarray(image_fold)[table.candidates.rows]):
         stacker = ConceptStacker.from_config(config, seed, num_threads)
         if config.choose_rounds:
             held_table, held_labels = table.take(held_out), labels[held_out]
             stacker.fit_table(
-                table.take(~held_out), labels[~held_out], categories, held_table, held_labels, patience=config.rounds_patience
+                table.take(fit_on), labels[fit_on], categories, held_table, held_labels, patience=config.rounds_patience
             )
             weighted_losses.append(stacker.eval_loss_ * held_labels.size)
         else:
-            stacker.fit_table(table.take(~held_out), labels[~held_out], categories)
+            stacker.fit_table(table.take(fit_on), labels[fit_on], categories)
         fold_models.append(stacker)
-        held_out_masks.append(held_out)
+        held_out_rows.append(held_out)
     if config.choose_rounds:
         common = min(loss.size for loss in weighted_losses)
         rounds = int(np.argmin(np.sum([loss[:common] for loss in weighted_losses], axis=0))) + 1
     else:
         rounds = config.n_estimators
     oof = np.zeros(labels.size, dtype=np.float32)
-    for stacker, held_out in zip(fold_models, held_out_masks):
+    for stacker, held_out in zip(fold_models, held_out_rows):
         oof[held_out] = stacker.predict_table(table.take(held_out), rounds)
     final = ConceptStacker.from_config(dataclasses.replace(config, n_estimators=rounds), seed, num_threads)
     return oof, final.fit_table(table, labels, categories), rounds

@@ -11,13 +11,13 @@ one tuned global threshold with `prior_strength` pseudo-positives.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.base import BaseEstimator
 
 from conceptclef.core.config import EnsembleConfig
-from conceptclef.core.runfiles import atomic_write_json, read_json
+from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -89,8 +89,11 @@ def concept_gain_curve(
     return np.cumsum(np.where(scored, delta, 0.0))
 
 
-class ConceptThresholdTuner:
-    """Per-concept thresholds maximising the mean per-image F1, then a per-image label-count rule."""
+class ConceptThresholdTuner(BaseEstimator):
+    """Per-concept thresholds maximising the mean per-image F1, then a per-image label-count rule.
+
+    `get_params`, `set_params` and `sklearn.base.clone` come from scikit-learn's `BaseEstimator`.
+    """
 
     def __init__(
         self,
@@ -109,15 +112,6 @@ class ConceptThresholdTuner:
     @classmethod
     def from_config(cls, config: EnsembleConfig) -> "ConceptThresholdTuner":
         return cls(config.threshold_prior_strength, config.min_labels, config.max_labels)
-
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "prior_strength": self.prior_strength,
-            "min_labels": self.min_labels,
-            "max_labels": self.max_labels,
-            "sweeps": self.sweeps,
-            "tolerance": self.tolerance,
-        }
 
     def fit(
         self,
@@ -207,26 +201,17 @@ class ConceptThresholdTuner:
 
     def save(self, path: str | Path) -> Path:
         """JSON (a .json path, or DIR/thresholds.json); floats are written exactly."""
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / THRESHOLDS_FILE
-        atomic_write_json(
-            path,
-            {
-                "kind": "concept_thresholds",
-                "params": self.get_params(),
-                "global_threshold": self.global_threshold_,
-                "thresholds": self.thresholds_.tolist(),
-                "n_positives": self.n_positives_.tolist(),
-                "sweep_scores": self.sweep_scores_,
-            },
-        )
-        return path
+        learned = {
+            "global_threshold": self.global_threshold_,
+            "thresholds": self.thresholds_.tolist(),
+            "n_positives": self.n_positives_.tolist(),
+            "sweep_scores": self.sweep_scores_,
+        }
+        return save_rule(path, THRESHOLDS_FILE, "concept_thresholds", self.get_params(), learned)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptThresholdTuner":
-        path = Path(path)
-        path = path if path.suffix == ".json" else path / THRESHOLDS_FILE
-        payload = read_json(path)
+        payload = read_rule(path, THRESHOLDS_FILE)
         tuner = cls(**payload["params"])
         tuner.global_threshold_ = float(payload["global_threshold"])
         tuner.thresholds_ = np.asarray(payload["thresholds"], dtype=np.float64)

@@ -29,6 +29,10 @@ from conceptclef.data.concepts import read_cui_names
 from conceptclef.data.modalities import ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.nonempty import at_least_one_concept
+from conceptclef.ensemble.decoding import make_decider
+from conceptclef.ensemble.folds import fold_splits, image_folds
+from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.mixing import assigned_block, category_positions, routed_index
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 from conceptclef.pipeline.base_models import read_confusion
 from conceptclef.pipeline.concept_report import concept_report
@@ -68,37 +72,24 @@ class LabelledOutputs:
     secondary_outside: np.ndarray | None = None  # secondary-list CUIs of each image outside the vocabulary
 
 
-def routed_probs(outputs: BaseOutputs, vocabulary: ConceptVocabulary, categories: list[str]) -> np.ndarray:
-    """Each image's probabilities from the model of `categories[i]` (the global model when it has none)."""
-    from conceptclef.ensemble.inputs import project_to_columns
-
-    global_cuis = list(vocabulary.cuis)
-    result = np.array(outputs.global_probs, dtype=np.float32, copy=True)
-    for category, probs in outputs.category_probs.items():
-        rows = np.flatnonzero(np.array(categories) == category)
-        if len(rows):
-            projected = project_to_columns(probs[rows], outputs.category_cuis[category], global_cuis)
-            result[rows] = np.nan_to_num(projected, nan=0.0)
-    return result
+def routed_probs(inputs: StackingInputs, categories: list[str] | None = None) -> np.ndarray:
+    """Each image's probabilities from the model of `categories[i]` (by default the router's choice;
+    the global model when the category has none), 0 where that model does not know a concept."""
+    assigned = routed_index(inputs.router_probs) if categories is None else category_positions(inputs, categories)
+    return np.nan_to_num(assigned_block(inputs, assigned, slice(None)), nan=0.0)
 
 
 def router_choice(outputs: BaseOutputs) -> list[str]:
-    return [outputs.router_categories[index] for index in np.argmax(outputs.router_probs, axis=1)]
-
-
-def _fold_ids(n_images: int, folds: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(n_images) % max(2, min(folds, n_images))
+    return [outputs.router_categories[index] for index in routed_index(outputs.router_probs)]
 
 
 FoldDecider = Callable[[np.ndarray, np.ndarray], sp.spmatrix]  # (rows to fit on, rows to decide) -> decisions
 
 
 def cross_fitted(shape: tuple[int, int], config: Config, decide: FoldDecider) -> sp.csr_matrix:
-    """Decisions for every image from a rule fitted on the other folds only."""
-    fold_of = _fold_ids(shape[0], config.ensemble.folds, config.seed)
+    """Decisions for every image from a rule fitted on the other folds only (the ensemble's folds)."""
     decisions = sp.lil_matrix(shape, dtype=bool)
-    for fold in np.unique(fold_of):
-        held, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+    for rest, held in fold_splits(image_folds(shape[0], config.ensemble.folds, config.seed)):
         decisions[held] = decide(rest, held)
     return decisions.tocsr()
 
@@ -203,7 +194,8 @@ RowDecider = Callable[[], sp.csr_matrix]
 def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocabulary, labelled: LabelledOutputs, ensemble: FittedEnsemble):
     outputs = labelled.outputs
     truth, outside = labelled.truth, labelled.truth_outside
-    routed = routed_probs(outputs, vocabulary, router_choice(outputs))
+    inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
+    routed = routed_probs(inputs)
     frequency = ensemble.statistics.concept_frequency
     rows: dict[str, sp.csr_matrix] = {
         MOST_FREQUENT_ROW: cross_fitted_most_frequent_decisions(frequency, truth, outside, config),
@@ -212,7 +204,7 @@ def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocab
         "per-category, routed + tuned thresholds": cross_fitted_threshold_decisions(routed, truth, outside, config),
     }
     if labelled.true_categories is not None:
-        oracle = routed_probs(outputs, vocabulary, labelled.true_categories)
+        oracle = routed_probs(inputs, labelled.true_categories)
         rows["per-category, oracle routing + tuned thresholds"] = cross_fitted_threshold_decisions(oracle, truth, outside, config)
     average = 0.5 * (np.asarray(outputs.global_probs) + routed)
     rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(average, truth, outside, config)
@@ -224,11 +216,13 @@ def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocab
 
 
 def _cross_fitted_ensemble_decisions(oof: sp.csr_matrix, labelled: LabelledOutputs, config: Config, rule: str) -> sp.csr_matrix:
-    if rule == "thresholds":
-        return cross_fitted_threshold_decisions(oof.toarray(), labelled.truth, labelled.truth_outside, config)
-    from conceptclef.ensemble.decoding import ExpectedF1Decoder
+    """The run's decision rule, fitted on the other folds' out-of-fold probabilities, like every other row."""
+    truth, outside = labelled.truth, labelled.truth_outside
 
-    return sp.csr_matrix(ExpectedF1Decoder(config.ensemble.min_labels, config.ensemble.max_labels).predict(oof), dtype=bool)
+    def decide(rest: np.ndarray, held: np.ndarray) -> sp.spmatrix:
+        return make_decider(rule, config.ensemble).fit(oof[rest], truth[rest], outside[rest]).predict(oof[held])
+
+    return cross_fitted(oof.shape, config, decide)
 
 
 def _test_outputs(
@@ -270,8 +264,9 @@ def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: Labell
         return sp.csr_matrix(tuner.predict(test_probs), dtype=bool)
 
     outputs, valid_outputs = labelled.outputs, validation.outputs
-    routed = routed_probs(outputs, vocabulary, router_choice(outputs))
-    valid_routed = routed_probs(valid_outputs, vocabulary, router_choice(valid_outputs))
+    inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
+    valid_inputs = to_stacking_inputs(valid_outputs, vocabulary, ensemble.statistics, ensemble.knn)
+    routed, valid_routed = routed_probs(inputs), routed_probs(valid_inputs)
     frequency = ensemble.statistics.concept_frequency
     _, k = best_most_frequent_k(frequency, validation.truth, validation.truth_outside)
     rows: dict[str, sp.csr_matrix] = {
@@ -282,13 +277,11 @@ def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: Labell
     }
     if labelled.true_categories is not None and validation.true_categories is not None:
         rows["per-category, oracle routing + tuned thresholds"] = tuned(
-            routed_probs(valid_outputs, vocabulary, validation.true_categories),
-            routed_probs(outputs, vocabulary, labelled.true_categories),
+            routed_probs(valid_inputs, validation.true_categories), routed_probs(inputs, labelled.true_categories)
         )
     rows["average(global, routed) + tuned thresholds"] = tuned(
         0.5 * (np.asarray(valid_outputs.global_probs) + valid_routed), 0.5 * (np.asarray(outputs.global_probs) + routed)
     )
-    inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
     stacked = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
     # Topped up to one concept per image exactly as predict writes the submission.
     rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(

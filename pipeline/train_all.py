@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,16 +44,9 @@ from conceptclef.pipeline.run_directory import (
 from conceptclef.pipeline.run_lock import check_run_directory_writable, run_lock
 from conceptclef.pipeline.stacking import fit_ensemble_stage
 from conceptclef.router import router_class_for
+from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train_all(

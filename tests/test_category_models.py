@@ -15,7 +15,7 @@ from conceptclef.category_models.model import sample_f1_at_threshold
 from conceptclef.core.config import load_config
 from conceptclef.scoring.f1 import sample_f1
 from conceptclef.training.losses import LOSS_NAMES
-from conceptclef.training.synthetic import class_concepts, colour_coded_images
+from synthetic_images import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")

@@ -10,7 +10,7 @@ import pytest
 
 from conceptclef.data.demo import FINDING_CUIS, MODALITIES, rare_pool, sample_demo_images, visible_concept_probabilities
 from conceptclef.data.errors import DataError
-from conceptclef.pipeline.demo_ceiling import demo_ceiling
+from demo_ceiling import demo_ceiling
 
 
 def test_visible_probabilities_follow_the_story():

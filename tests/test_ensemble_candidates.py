@@ -10,7 +10,7 @@ import pytest
 from conceptclef.ensemble.candidates import SOURCES, build_candidates
 from conceptclef.ensemble.features import build_features, build_pair_table, feature_names_for
 from conceptclef.ensemble.mixing import routed_block
-from conceptclef.ensemble.synthetic import make_synthetic_set
+from synthetic_stacking import make_synthetic_set
 
 
 @pytest.fixture(scope="module")

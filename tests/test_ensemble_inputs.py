@@ -7,7 +7,14 @@ import pytest
 import scipy.sparse as sp
 
 from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
-from conceptclef.ensemble.mixing import mixture_at, mixture_block, routed_at, routed_block
+from conceptclef.ensemble.mixing import (
+    assigned_block,
+    category_positions,
+    mixture_at,
+    mixture_block,
+    routed_at,
+    routed_block,
+)
 from conceptclef.ensemble.sparse_ops import (
     descending_rank_within_rows,
     gather,
@@ -97,6 +104,25 @@ def test_routed_model_follows_router_argmax():
     np.testing.assert_array_equal(block, expected)
     rows, cols = np.repeat(np.arange(n), v), np.tile(np.arange(v), n)
     np.testing.assert_array_equal(routed_at(inputs, rows, cols), expected.ravel())
+
+
+def test_assigned_categories_pick_their_model_and_the_global_one_stands_in():
+    """One routing rule for the router's choice and for given (e.g. true) categories."""
+    inputs = small_inputs()
+    names = ["XR", "CT", "unknown", "MRI", "CT", "XR", "MRI", "unknown", "CT", "MRI", "XR", "CT"]
+    assigned = category_positions(inputs, names)
+    np.testing.assert_array_equal(assigned[:4], [2, 0, -1, 1])
+    block = assigned_block(inputs, assigned, slice(0, inputs.n_images))
+    source = {"CT": inputs.category_probs["CT"], "MRI": inputs.category_probs["MRI"].astype(np.float32)}
+    expected = np.stack([source.get(name, inputs.global_probs)[i] for i, name in enumerate(names)])
+    np.testing.assert_array_equal(block, expected)  # XR (fell back) and unknown: the global model
+    assert block.dtype == np.float32 and np.isnan(block[1, :3]).all()  # CT does not know 0-2
+    routed_names = [inputs.categories[c] for c in np.argmax(inputs.router_probs, axis=1)]
+    routed_rows = slice(3, 9)
+    np.testing.assert_array_equal(
+        routed_block(inputs, routed_rows),
+        assigned_block(inputs, category_positions(inputs, routed_names)[routed_rows], routed_rows),
+    )
 
 
 def test_gather_reads_dense_sparse_and_missing():

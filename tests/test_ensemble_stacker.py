@@ -11,10 +11,11 @@ from sklearn.metrics import roc_auc_score
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.ensemble.features import build_pair_table
+from conceptclef.ensemble.folds import image_folds
 from conceptclef.ensemble.mixing import mixture_block, routed_block
-from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold, cross_fit_table, image_folds, pair_labels
-from conceptclef.ensemble.synthetic import SyntheticSignals, make_synthetic_set
+from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold, cross_fit_table, pair_labels
 from conceptclef.ensemble.thresholds import tune_global_threshold
+from synthetic_stacking import SyntheticSignals, make_synthetic_set
 
 FAST = dict(candidates_per_model=10, n_estimators=60, learning_rate=0.1, num_leaves=15, num_threads=1)
 

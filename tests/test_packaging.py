@@ -46,6 +46,8 @@ def test_wheel_installs_one_top_level_import_name(wheel):
     assert "conceptclef/cli.py" in names
     assert "conceptclef/configs/cpu.toml" in names
     assert not any(name.startswith("conceptclef/tests/") or name.startswith("conceptclef/benchmarks/") for name in names)
+    # Generators that serve only tests and benchmarks stay out of what users install.
+    assert not any(name.endswith(("synthetic.py", "demo_ceiling.py")) for name in names)
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def test_router_and_category_models_from_labels_on_flat_data(tmp_path: Path):
     assert "grouped by true category" in output and "oracle routing" in output
     header = next(line for line in output.splitlines() if line.startswith("| system"))
     true_categories = set(read_category_file(data / "test_categories.csv").values())
-    assert [name.strip() for name in header.split("|")[4:-1]] == sorted(true_categories)
+    assert [name.strip() for name in header.split("|")[1:-1] if name.strip() not in ("system", "overall", "secondary", "n_images")] == sorted(true_categories)
 
     # Another grouping is another run: resuming this one with it is refused before any work.
     refused = run_cli("train-all", "--data", data, "--out", run, "--set", 'categories.several=""')

@@ -12,7 +12,7 @@ import torch
 from conceptclef.core.config import load_config
 from conceptclef.router import ModalityRouter
 from conceptclef.router.model import accuracy, confusion_matrix
-from conceptclef.training.synthetic import colour_coded_images
+from synthetic_images import colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")

@@ -33,7 +33,7 @@ from conceptclef.training.backbones import create_network  # noqa: E402
 from conceptclef.training.batches import ImageBatches, batch_loader, batch_sampler, training_batch_sizes  # noqa: E402
 from conceptclef.training.distributed import Shard, SyncBatchNormSwap, shard_indices  # noqa: E402
 from conceptclef.training.inference import DeviceSettings, assemble, run_forward  # noqa: E402
-from conceptclef.training.synthetic import class_concepts, colour_coded_images  # noqa: E402
+from synthetic_images import class_concepts, colour_coded_images  # noqa: E402
 
 CONFIG = load_config(ROOT / "configs" / "test.toml")
 SIZE = CONFIG.data.image_size

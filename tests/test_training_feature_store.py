@@ -27,7 +27,7 @@ from conceptclef.training.feature_store import (
 )
 from conceptclef.training.inference import DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.runtime import seed_everything
-from conceptclef.training.synthetic import class_concepts, colour_coded_images
+from synthetic_images import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")

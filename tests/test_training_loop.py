@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -13,11 +14,11 @@ import timm
 import torch
 
 from conceptclef.category_models import ConceptModel
-from conceptclef.core.config import load_config
+from conceptclef.core.config import ConfigError, load_config
 from conceptclef.router import ModalityRouter
 from conceptclef.training.backbones import ImageClassifier
-from conceptclef.training.checkpoints import CheckpointError
-from conceptclef.training.synthetic import class_concepts, colour_coded_images
+from conceptclef.training.checkpoints import CheckpointError, save_checkpoint
+from synthetic_images import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")
@@ -124,7 +125,7 @@ def test_changed_config_is_trained_again_not_loaded(tmp_path, finished_router):
     assert epochs_run == [1]
 
 
-def test_damaged_finished_checkpoint_is_detected_and_retrained(tmp_path, finished_router):
+def test_damaged_finished_checkpoint_is_detected_and_retrained(tmp_path, finished_router, caplog):
     work_dir = tmp_path / "router"
     shutil.copytree(finished_router[0], work_dir)
     checkpoint = work_dir / "checkpoint.pt"
@@ -133,10 +134,26 @@ def test_damaged_finished_checkpoint_is_detected_and_retrained(tmp_path, finishe
     with pytest.raises(CheckpointError, match="damaged checkpoint"):
         ModalityRouter.load(work_dir)
     images, categories, valid_images, valid_categories = _router_data()
-    with pytest.warns(RuntimeWarning, match="cannot be loaded"):
+    with caplog.at_level(logging.WARNING, logger="conceptclef"):
         router = ModalityRouter(ROUTER, SIZE, "cpu", seed=3).fit(images, categories, valid_images, valid_categories, work_dir)
+    assert any("finished run cannot be loaded" in message and message.endswith("; training from scratch") for message in caplog.messages)
     np.testing.assert_array_equal(router.predict_proba(valid_images), finished_router[1])
     assert ModalityRouter.is_trained(work_dir)
+
+
+def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused(tmp_path, finished_router):
+    """As core.config refuses unknown keys in a TOML: dropping them would load a network trained
+    with a setting that no longer means anything."""
+    work_dir = tmp_path / "router"
+    shutil.copytree(finished_router[0], work_dir)
+    payload = torch.load(work_dir / "checkpoint.pt", weights_only=True)
+    payload["training"]["retired_setting"] = 0.1
+    payload["training"]["augment"]["retired_flip"] = True
+    save_checkpoint(work_dir / "checkpoint.pt", payload)
+    expected = f"{work_dir / 'checkpoint.pt'}: training settings unknown to this version of conceptclef: retired_setting, augment.retired_flip"
+    with pytest.raises(ConfigError) as refused:
+        ModalityRouter.load(work_dir)
+    assert str(refused.value) == expected
 
 
 def test_same_seed_repeats_exactly_and_another_seed_does_not(tmp_path, finished_router):

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from conceptclef.core.config import AugmentConfig, TrainingConfig
+from conceptclef.core.config import AugmentConfig, ConfigError, TrainingConfig
 from conceptclef.training import distributed
 from conceptclef.training.backbones import ImageClassifier, create_network
 from conceptclef.training.batches import ImageBatches, Targets, batch_loader, check_images
@@ -37,17 +36,24 @@ from conceptclef.training.checkpoints import FORMAT_VERSION, CheckpointError, Ru
 from conceptclef.training.feature_store import ExtractionSettings, FeatureStore, head_probabilities, shared_feature_store
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
-from conceptclef.training.runtime import progress_enabled, resolve_device, seed_everything
+from conceptclef.training.runtime import progress_enabled, report_training_from_scratch, resolve_device, seed_everything
 
 log = logging.getLogger("conceptclef")
 
 
-def training_config_from_dict(values: dict[str, Any]) -> TrainingConfig:
-    """Rebuild the TrainingConfig stored (as plain values) in a checkpoint."""
-    known = {item.name for item in dataclasses.fields(TrainingConfig)}
-    values = {key: value for key, value in values.items() if key in known}
-    augment = AugmentConfig(**values.pop("augment", {}))
-    return TrainingConfig(**values, augment=augment)
+def training_config_from_dict(values: dict[str, Any], source: Path | str = "checkpoint") -> TrainingConfig:
+    """Rebuild the TrainingConfig stored (as plain values) in a checkpoint.
+
+    Keys this version does not know are refused, as core.config refuses them in a TOML: dropped,
+    they would load a network trained with a setting that no longer means anything here.
+    """
+    values = dict(values)
+    augment = dict(values.pop("augment", {}))
+    unknown = sorted(set(values) - {item.name for item in dataclasses.fields(TrainingConfig)})
+    unknown += [f"augment.{key}" for key in sorted(set(augment) - {item.name for item in dataclasses.fields(AugmentConfig)})]
+    if unknown:
+        raise ConfigError(f"{source}: training settings unknown to this version of conceptclef: {', '.join(unknown)}")
+    return TrainingConfig(**values, augment=AugmentConfig(**augment))
 
 
 def _targets_digest(targets: Targets) -> str:
@@ -183,12 +189,12 @@ class NetworkEstimator:
         if not state or not state.get("finished"):
             return False
         if state.get("fingerprint") != fingerprint:
-            log.warning("%s: trained with another config or dataset; retraining", work_dir)
+            report_training_from_scratch(work_dir, "trained with another config or dataset")
             return False
         try:
             self._restore(load_checkpoint(RunFiles(work_dir).best), resolve_device(self.device))
         except (CheckpointError, FileNotFoundError, KeyError, RuntimeError) as error:
-            warnings.warn(f"{work_dir}: finished run cannot be loaded ({error}); retraining from scratch", RuntimeWarning, stacklevel=3)
+            report_training_from_scratch(work_dir, f"finished run cannot be loaded ({error})")
             return False
         return True
 
@@ -207,7 +213,7 @@ class NetworkEstimator:
         """A trained model from checkpoint.pt alone (no config file or data needed)."""
         payload = load_checkpoint(RunFiles(work_dir).best)
         estimator = cls(
-            training_config_from_dict(payload["training"]),
+            training_config_from_dict(payload["training"], RunFiles(work_dir).best),
             int(payload["image_size"]),
             device,
             int(payload.get("seed", 0)),

@@ -13,9 +13,11 @@ draws exactly what a single process draws.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ import torch
 from conceptclef.training.distributed import device_for_process, is_main_process
 
 PROGRESS_ENV = "CONCEPTCLEF_PROGRESS"  # "0" hides progress bars even on a terminal
+
+log = logging.getLogger("conceptclef")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,7 +43,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
+    """Seed python, numpy and torch (all devices): the one seeding function, for train-all and every network.
+
+    numpy's global generator takes 32-bit seeds, so larger seeds (epoch seeds reach 2**63) wrap.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -59,6 +66,16 @@ def make_repeatable(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+
+
+def report_training_from_scratch(path: Path | str, reason: str) -> None:
+    """Say that saved work at `path` is not used and the network trains anew: one logged warning.
+
+    Logged, not raised as a Python warning: nothing the caller can change avoids it, and in the
+    log it sits beside the run's other messages (with the worker's prefix under --devices).
+    """
+    if is_main_process():
+        log.warning("%s: %s; training from scratch", path, reason)
 
 
 def progress_enabled() -> bool:

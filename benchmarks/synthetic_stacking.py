@@ -1,10 +1,13 @@
-"""Synthetic stacking inputs with known truth, for tests and the full-scale benchmark.
+"""Synthetic stacking inputs with known truth, for the full-scale benchmark and the ensemble tests.
 
 The structure mirrors ImageCLEF concept detection: Zipf-like concept frequencies, each concept
 most common in one modality category, ~11 true concepts per image, a few out-of-vocabulary ones,
 per-category models that are sharp on their own category and blurred elsewhere, a router that
 is usually right and a kNN vote that recovers part of the truth. Generation runs in row blocks
 and stores probabilities as float16, so 80,000 x 3,000 x 8 models fits in a few GB.
+
+Not part of the installed package: benchmarks/postprocess_scale.py imports it from its own
+folder, and pytest finds it through `pythonpath = ["benchmarks"]` in pyproject.toml.
 """
 
 from __future__ import annotations

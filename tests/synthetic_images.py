@@ -1,7 +1,9 @@
-"""Easy synthetic image tasks (colour encodes the class) for tests and CPU timing benchmarks.
+"""Easy synthetic image tasks (colour encodes the class) for the training tests.
 
 A network that learns nothing from them has a broken loop, not a hard problem, which is what
-the tests need; and they have the shapes and dtypes of the real image cache.
+the tests need; and they have the shapes and dtypes of the real image cache. A plain module
+beside the tests (not in the installed package): test files, and the torchrun worker that
+tests/test_training_distributed.py runs as a script, import it as `synthetic_images`.
 """
 
 from __future__ import annotations
