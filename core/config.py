@@ -57,6 +57,25 @@ class TrainingConfig:
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Category models only: "global" starts each specialist's backbone from the trained global
+    # model's instead of `weights`. It pays only when the global model fine-tuned its backbone
+    # (finetune = "full" or "layerwise"): with a frozen global backbone both starts are equal.
+    init_from: Literal["weights", "global"] = "weights"
+    # Test-time augmentation: probabilities averaged over the image and its horizontal mirror,
+    # on validation (what the stacker learns from) and test images alike.
+    flip_tta: bool = False
+
+
+@dataclass(frozen=True)
+class GlobalModelVariant(TrainingConfig):
+    """One more global model (another backbone or resolution): a stacker input of its own.
+
+    Keys left out of its [[extra_global_models]] table take the [global_model] values of the
+    same file; `image_size` 0 means data.image_size.
+    """
+
+    name: str = ""
+    image_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,7 @@ class Config:
     router: TrainingConfig = field(default_factory=TrainingConfig)
     global_model: TrainingConfig = field(default_factory=TrainingConfig)
     category_model: TrainingConfig = field(default_factory=TrainingConfig)
+    extra_global_models: tuple[GlobalModelVariant, ...] = ()
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +152,37 @@ def load_config(path: str | Path | None) -> Config:
 
 def config_from_dict(raw: dict[str, Any], source: str | Path = "<config>", text: str = "") -> Config:
     """Build a Config from plain data, checking every key and type."""
-    return _build(Config, raw, (), str(source), text)
+    raw = _inherit_global_model(raw)
+    config = _build(Config, raw, (), str(source), text)
+    _check_global_variants(config, str(source), text)
+    return config
+
+
+def _inherit_global_model(raw: dict[str, Any]) -> dict[str, Any]:
+    """Each [[extra_global_models]] entry over the [global_model] table, so it lists only what differs."""
+    variants = raw.get("extra_global_models")
+    if not isinstance(variants, list) or not isinstance(raw.get("global_model", {}), dict):
+        return raw
+    try:
+        base = dataclasses.asdict(_build(TrainingConfig, raw.get("global_model", {}), ("global_model",), "", ""))
+    except ConfigError:
+        return raw  # the full build reports [global_model]'s error with its file and line
+    merged = [{**base, **variant} if isinstance(variant, dict) else variant for variant in variants]
+    return {**raw, "extra_global_models": merged}
+
+
+def _check_global_variants(config: "Config", source: str, text: str) -> None:
+    seen: set[str] = set()
+    for variant in config.extra_global_models:
+        line = next((n for n, row in enumerate(text.splitlines(), 1) if re.match(rf"""^\s*name\s*=\s*["']{re.escape(variant.name)}["']""", row)), None)
+        where = f"{source}:{line}" if line else source
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", variant.name):
+            raise ConfigError(f"{where}: extra_global_models name {variant.name!r} must be letters, digits, '_', '.', '-' (it names RUN/global-<name>/)")
+        if variant.name in seen:
+            raise ConfigError(f"{where}: extra_global_models name {variant.name!r} is used twice")
+        if variant.image_size < 0:
+            raise ConfigError(f"{where}: extra_global_models {variant.name!r}: image_size must be >= 0 (0: data.image_size)")
+        seen.add(variant.name)
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -223,6 +273,11 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], source: str, text: str
         if value not in allowed:
             raise ConfigError(f"{where}: {dotted} = {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {dotted} must be an array of tables ([[{dotted}]])")
+        return tuple(_coerce(item_hint, item, path + (str(index),), source, text) for index, item in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type for {dotted}")
     if hint is bool:
