@@ -155,6 +155,9 @@ def config_from_dict(raw: dict[str, Any], source: str | Path = "<config>", text:
     raw = _inherit_global_model(raw)
     config = _build(Config, raw, (), str(source), text)
     _check_global_variants(config, str(source), text)
+    for section in ("router", "global_model"):
+        if getattr(config, section).init_from != "weights":
+            raise ConfigError(f"{_where(str(source), text, (section, 'init_from'))}: {section}.init_from: only [category_model] can start from the global model")
     return config
 
 
@@ -182,6 +185,8 @@ def _check_global_variants(config: "Config", source: str, text: str) -> None:
             raise ConfigError(f"{where}: extra_global_models name {variant.name!r} is used twice")
         if variant.image_size < 0:
             raise ConfigError(f"{where}: extra_global_models {variant.name!r}: image_size must be >= 0 (0: data.image_size)")
+        if variant.init_from != "weights":
+            raise ConfigError(f"{where}: extra_global_models {variant.name!r}: only [category_model] can start from the global model (init_from)")
         seen.add(variant.name)
 
 
