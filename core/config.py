@@ -93,6 +93,25 @@ class TrainingConfig:
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Category models only: "global" starts each specialist's backbone from the trained global
+    # model's instead of `weights`. It pays only when the global model fine-tuned its backbone
+    # (finetune = "full" or "layerwise"): with a frozen global backbone both starts are equal.
+    init_from: Literal["weights", "global"] = "weights"
+    # Test-time augmentation: probabilities averaged over the image and its horizontal mirror,
+    # on validation (what the stacker learns from) and test images alike.
+    flip_tta: bool = False
+
+
+@dataclass(frozen=True)
+class GlobalModelVariant(TrainingConfig):
+    """One more global model (another backbone or resolution): a stacker input of its own.
+
+    Keys left out of its [[extra_global_models]] table take the [global_model] values of the
+    same file; `image_size` 0 means data.image_size.
+    """
+
+    name: str = ""
+    image_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,7 @@ class Config:
     router: TrainingConfig = field(default_factory=TrainingConfig)
     global_model: TrainingConfig = field(default_factory=TrainingConfig)
     category_model: TrainingConfig = field(default_factory=TrainingConfig)
+    extra_global_models: tuple[GlobalModelVariant, ...] = ()
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     categories: CategoryConfig = field(default_factory=CategoryConfig)
 
@@ -202,7 +222,44 @@ def config_from_dict(
 
     `overrides` maps a key path to the `--set` text that gave it, so an error names the override.
     """
-    return _build(Config, raw, (), _Origin(str(source), text, overrides or {}))
+    origin = _Origin(str(source), text, overrides or {})
+    config = _build(Config, _inherit_global_model(raw), (), origin)
+    _check_global_variants(config, str(source), text)
+    for section in ("router", "global_model"):
+        if getattr(config, section).init_from != "weights":
+            raise ConfigError(
+                f"{origin.where((section, 'init_from'))}: {section}.init_from: only [category_model] can start from the global model"
+            )
+    return config
+
+
+def _inherit_global_model(raw: dict[str, Any]) -> dict[str, Any]:
+    """Each [[extra_global_models]] entry over the [global_model] table, so it lists only what differs."""
+    variants = raw.get("extra_global_models")
+    if not isinstance(variants, list) or not isinstance(raw.get("global_model", {}), dict):
+        return raw
+    try:
+        base = dataclasses.asdict(_build(TrainingConfig, raw.get("global_model", {}), ("global_model",), _Origin("", "", {})))
+    except ConfigError:
+        return raw  # the full build reports [global_model]'s error with its file and line
+    merged = [{**base, **variant} if isinstance(variant, dict) else variant for variant in variants]
+    return {**raw, "extra_global_models": merged}
+
+
+def _check_global_variants(config: "Config", source: str, text: str) -> None:
+    seen: set[str] = set()
+    for variant in config.extra_global_models:
+        line = next((n for n, row in enumerate(text.splitlines(), 1) if re.match(rf"""^\s*name\s*=\s*["']{re.escape(variant.name)}["']""", row)), None)
+        where = f"{source}:{line}" if line else source
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", variant.name):
+            raise ConfigError(f"{where}: extra_global_models name {variant.name!r} must be letters, digits, '_', '.', '-' (it names RUN/global-<name>/)")
+        if variant.name in seen:
+            raise ConfigError(f"{where}: extra_global_models name {variant.name!r} is used twice")
+        if variant.image_size < 0:
+            raise ConfigError(f"{where}: extra_global_models {variant.name!r}: image_size must be >= 0 (0: data.image_size)")
+        if variant.init_from != "weights":
+            raise ConfigError(f"{where}: extra_global_models {variant.name!r}: only [category_model] can start from the global model (init_from)")
+        seen.add(variant.name)
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -331,15 +388,20 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: _Origin) -> An
     dotted = ".".join(path)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, origin)
-    origin = typing.get_origin(hint)
-    if origin is Literal:
+    kind = typing.get_origin(hint)
+    if kind is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
             raise ConfigError(f"{where}: {dotted} = {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
-    if origin is dict:
+    if kind is dict:
         return _coerce_table_of_string_lists(hint, value, where, dotted)
-    if origin in (typing.Union, types.UnionType):
+    if kind is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {dotted} must be an array of tables ([[{dotted}]])")
+        return tuple(_coerce(item_hint, item, path + (str(index),), origin) for index, item in enumerate(value))
+    if kind in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type for {dotted}")
     if hint is bool:
         if not isinstance(value, bool):

@@ -25,6 +25,12 @@ from conceptclef.ensemble.mixing import routed_block
 from conceptclef.ensemble.sparse_ops import DENSE_CHUNK_ROWS, pair_keys, top_k_dense_rows, top_k_sparse_rows
 
 SOURCES = ("global", "routed", "knn")
+EXTRA_GLOBAL_SOURCE = "global:{name}"  # an extra global model's source name
+
+
+def sources_of(inputs: StackingInputs) -> tuple[str, ...]:
+    """Every candidate source of these inputs: SOURCES, then one per extra global model."""
+    return SOURCES + tuple(EXTRA_GLOBAL_SOURCE.format(name=name) for name in inputs.extra_global_probs)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ def _block_top_k(inputs: StackingInputs, start: int, k: int) -> dict[str, tuple[
     blocks = {"global": np.asarray(inputs.global_probs[rows], dtype=np.float32), "routed": routed_block(inputs, rows)}
     if inputs.knn_scores is not None and not sp.issparse(inputs.knn_scores):
         blocks["knn"] = np.asarray(inputs.knn_scores[rows], dtype=np.float32)
+    for name, probs in inputs.extra_global_probs.items():
+        blocks[EXTRA_GLOBAL_SOURCE.format(name=name)] = np.asarray(probs[rows], dtype=np.float32)
     found = {}
     for name, block in blocks.items():
         r, c, rank = top_k_dense_rows(block, k)
@@ -85,7 +93,7 @@ def _concatenate(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
 
 
 def build_candidates(inputs: StackingInputs, k: int) -> CandidateSet:
-    """Union of the top-k of the global model, the routed category model and kNN."""
+    """Union of the top-k of the global model, the routed category model, kNN and any extra global models."""
     n, v = inputs.n_images, inputs.n_concepts
     per_source = {name: _concatenate(parts) for name, parts in _dense_source_top_k(inputs, k).items()}
     if sp.issparse(inputs.knn_scores):
@@ -93,7 +101,7 @@ def build_candidates(inputs: StackingInputs, k: int) -> CandidateSet:
     source_keys = {name: pair_keys(rows, cols, v) for name, (rows, cols, _) in per_source.items()}
     keys, n_sources = np.unique(np.concatenate(list(source_keys.values())), return_counts=True)
     ranks: dict[str, np.ndarray] = {}
-    for name in SOURCES:
+    for name in sources_of(inputs):
         rank = np.full(keys.size, k, dtype=np.int32)
         if name in per_source:
             rank[np.searchsorted(keys, source_keys[name])] = per_source[name][2]

@@ -4,7 +4,9 @@ The stacker is one LightGBM model for all concepts, so features must be comparab
 concepts: probabilities, ranks within the image, how sure the router is, how common the concept
 is (overall and in the routed category), and how many sources agree. Every category model is
 also its own column (NaN where it does not know the concept) so trees can learn which model to
-trust for which modality.
+trust for which modality. Extra global models (other backbones or resolutions) add their
+probability, their rank and the mean over all global models at the end, so a run without them
+keeps exactly the columns it always had.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conceptclef.ensemble.candidates import SOURCES, CandidateSet, build_candidates
+from conceptclef.ensemble.candidates import EXTRA_GLOBAL_SOURCE, SOURCES, CandidateSet, build_candidates
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.mixing import mixture_at, routed_at, routed_index
 from conceptclef.ensemble.sparse_ops import DENSE_CHUNK_ROWS, gather
@@ -31,8 +33,9 @@ class PairTable:
         return PairTable(self.candidates.take(mask), self.features[mask], self.feature_names)
 
 
-def feature_names_for(categories: list[str]) -> list[str]:
-    """Column names, fixed by the router's categories so a saved stacker can check its inputs."""
+def feature_names_for(categories: list[str], extra_global_models: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Column names, fixed by the router's categories and the extra global models' names, so a
+    saved stacker can check its inputs."""
     names = [
         "global_prob",
         "global_prob_image_sum",
@@ -46,6 +49,10 @@ def feature_names_for(categories: list[str]) -> list[str]:
     names += ["router_max", "router_entropy", "knn_score"]
     names += [f"rank:{source}" for source in SOURCES]
     names += ["n_sources", "concept_frequency", "routed_concept_frequency", "concept_id"]
+    for name in extra_global_models:
+        names += [f"global_prob:{name}", f"rank:{EXTRA_GLOBAL_SOURCE.format(name=name)}"]
+    if extra_global_models:
+        names.append("global_models_mean")
     return names
 
 
@@ -69,7 +76,7 @@ def router_summary(router_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTable:
     """The feature matrix of `candidates` (which must come from these inputs)."""
     rows, cols = candidates.rows, candidates.cols
-    names = feature_names_for(inputs.categories)
+    names = feature_names_for(inputs.categories, list(inputs.extra_global_probs))
     features = np.empty((rows.size, len(names)), dtype=np.float32)
     column = iter(range(len(names)))
 
@@ -102,6 +109,15 @@ def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTabl
     category_frequency = np.asarray(inputs.category_concept_frequency, dtype=np.float32)
     put(category_frequency[routed_index(inputs.router_probs)[rows], cols])
     put(cols.astype(np.float32))  # categorical: lets the stacker learn each concept's own calibration
+    global_sum = global_at.astype(np.float64)
+    for name, probs in inputs.extra_global_probs.items():
+        extra_at = gather(probs, rows, cols)
+        global_sum += extra_at
+        put(extra_at)
+        put(candidates.ranks[EXTRA_GLOBAL_SOURCE.format(name=name)])
+    if inputs.extra_global_probs:
+        # Averaging backbones is the published winners' rule; given directly, as global_routed_mean is.
+        put((global_sum / (1 + len(inputs.extra_global_probs))).astype(np.float32))
     if next(column, None) is not None:
         raise RuntimeError("feature_names_for and build_features disagree on the columns")
     return PairTable(candidates, features, names)

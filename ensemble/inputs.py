@@ -1,6 +1,7 @@
 """What the stacker sees for one image set, all over the global vocabulary's columns.
 
-Per-category models know only the concepts of their category, so their probabilities are
+Extra global models (other backbones or resolutions) share the global vocabulary; each is a
+stacker input of its own. Per-category models know only the concepts of their category, so their probabilities are
 projected onto the global columns with NaN for "this model cannot say": LightGBM treats NaN as
 missing, which is different from a confident 0. Arrays may be float16 to keep eight full-size
 (80,000 x 3,000) probability matrices within memory.
@@ -9,7 +10,7 @@ missing, which is different from a confident 0. Arrays may be float16 to keep ei
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +33,7 @@ class StackingInputs:
     concept_frequency: np.ndarray  # (V,) training frequency overall
     category_concept_frequency: np.ndarray  # (C, V) training frequency within each category
     knn_scores: np.ndarray | sp.spmatrix | None = None  # (n, V)
+    extra_global_probs: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, V), other global backbones
 
     def __post_init__(self) -> None:
         self.image_ids = list(self.image_ids)
@@ -57,6 +59,9 @@ class StackingInputs:
                 raise ValueError(f"category model {name!r} is not one of the router's categories {self.categories}")
             if probs.shape != (n, v):
                 raise ValueError(f"category_probs[{name!r}] has shape {probs.shape}, expected {(n, v)}")
+        for name, probs in self.extra_global_probs.items():
+            if probs.shape != (n, v):
+                raise ValueError(f"extra_global_probs[{name!r}] has shape {probs.shape}, expected {(n, v)}")
         if self.router_probs.shape != (n, c):
             raise ValueError(f"router_probs has shape {self.router_probs.shape}, expected {(n, c)}")
         if np.shape(self.concept_frequency) != (v,):
@@ -88,6 +93,7 @@ class StackingInputs:
             concept_frequency=self.concept_frequency,
             category_concept_frequency=self.category_concept_frequency,
             knn_scores=knn,
+            extra_global_probs={name: probs[index] for name, probs in self.extra_global_probs.items()},
         )
 
 

@@ -39,7 +39,8 @@ from conceptclef.pipeline.concept_report import concept_report
 from conceptclef.pipeline.category_record import categories_from_labels
 from conceptclef.pipeline.datasets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.predict import RunModels
+from conceptclef.pipeline.global_models import variant_names
+from conceptclef.pipeline.predict import RunModels, unlabelled_images_at_size
 from conceptclef.pipeline.reports import write_ablation_report
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
 from conceptclef.pipeline.stacking import (
@@ -114,6 +115,11 @@ def cross_fitted_most_frequent_decisions(frequency: np.ndarray, truth: sp.csr_ma
 MOST_FREQUENT_ROW = "most frequent training concepts (trivial floor)"
 
 
+def extra_global_row(name: str) -> str:
+    """The ablation row of an extra global model alone (global-<name>, thresholds tuned like the global model's)."""
+    return f"global-{name} + tuned thresholds"
+
+
 def make_tuner(config: Config) -> ConceptThresholdTuner:
     return ConceptThresholdTuner.from_config(config.ensemble)
 
@@ -138,7 +144,7 @@ def run_ablation(
     names = _concept_names(manifest, cui_names_path)
     vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
     ensemble = FittedEnsemble.load(layout, config, manifest, vocabulary)
-    validation = _validation_outputs(layout, manifest, vocabulary)
+    validation = _validation_outputs(layout, manifest, vocabulary, variant_names(config))
     if images_dir is None:
         rows, labelled, stacked_probs = _validation_rows(layout, config, vocabulary, validation, ensemble)
         source = "validation (out-of-fold)"
@@ -176,8 +182,8 @@ def _concept_names(manifest: Manifest, cui_names_path: Path | None) -> dict[str,
     return read_cui_names(default) if default.is_file() else None
 
 
-def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: ConceptVocabulary) -> LabelledOutputs:
-    outputs = load_validation_outputs(layout, manifest)
+def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: ConceptVocabulary, extra_global_models: list[str]) -> LabelledOutputs:
+    outputs = load_validation_outputs(layout, manifest, extra_global_models)
     image_ids, truth, outside, categories = load_validation_truth(layout)
     if image_ids != outputs.image_ids:
         raise RunDirectoryError(f"{layout.ensemble_dir}: saved validation truth does not match the saved predictions")
@@ -201,6 +207,10 @@ def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocab
         MOST_FREQUENT_ROW: cross_fitted_most_frequent_decisions(frequency, truth, outside, config),
         "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
         "global + tuned thresholds": cross_fitted_threshold_decisions(np.asarray(outputs.global_probs), truth, outside, config),
+        **{
+            extra_global_row(name): cross_fitted_threshold_decisions(np.asarray(probs), truth, outside, config)
+            for name, probs in outputs.extra_global_probs.items()
+        },
         "per-category, routed + tuned thresholds": cross_fitted_threshold_decisions(routed, truth, outside, config),
     }
     if labelled.true_categories is not None:
@@ -239,7 +249,8 @@ def _test_outputs(
     missing = [image_id for image_id in image_set.image_ids if image_id not in truth_by_id]
     if missing:
         raise RunDirectoryError(f"{truth_path}: no ground truth for {len(missing)} images of {images_dir}, e.g. {missing[:3]}")
-    outputs = RunModels.load(layout, manifest, config).predict(image_set)
+    at_size = unlabelled_images_at_size(images_dir, config, layout.cache_dir, image_set)
+    outputs = RunModels.load(layout, manifest, config).predict(image_set, at_size)
     concept_lists = [truth_by_id[image_id] for image_id in image_set.image_ids]
     true_categories = None
     if categories_path is not None:
@@ -273,6 +284,10 @@ def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: Labell
         MOST_FREQUENT_ROW: most_frequent_predictions(frequency, labelled.truth.shape[0], k),
         "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
         "global + tuned thresholds": tuned(np.asarray(valid_outputs.global_probs), np.asarray(outputs.global_probs)),
+        **{
+            extra_global_row(name): tuned(np.asarray(valid_outputs.extra_global_probs[name]), np.asarray(probs))
+            for name, probs in outputs.extra_global_probs.items()
+        },
         "per-category, routed + tuned thresholds": tuned(valid_routed, routed),
     }
     if labelled.true_categories is not None and validation.true_categories is not None:

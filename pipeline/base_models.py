@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from conceptclef.category_models import ConceptModel
-from conceptclef.core.config import Config
+from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.pipeline import tta
 from conceptclef.pipeline.datasets import ImageSet, routed_subset
 from conceptclef.pipeline.ranks import is_main_process
 from conceptclef.pipeline.run_directory import RunLayout
@@ -72,7 +73,7 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
             config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
         )
         router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
-    probs = router.predict_proba(all_valid.images)  # the stacker needs the router's view of every image
+    probs = tta.predict_proba(router, all_valid.images)  # the stacker needs the router's view of every image
     ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
     _write_confusion(work_dir, router.categories_, router.confusion_)
     if single:  # no trained router to hold against a baseline
@@ -118,21 +119,26 @@ def train_concept_stage(
     valid_all: ImageSet,
     train_all_images: ImageSet | None = None,
     is_global: bool = False,
+    settings: TrainingConfig | None = None,
+    image_size: int | None = None,
 ) -> ConceptModel:
     """Train one concept model; save its probabilities on all validation images.
 
     The global model also saves embeddings of the training images (the kNN index) and of the
     validation images (kNN queries), from the same forward passes as its probabilities.
+    `settings` and `image_size` replace the config's for a specialist started from the global
+    model or an extra global model.
     """
-    settings = config.global_model if is_global else config.category_model
+    if settings is None:
+        settings = config.global_model if is_global else config.category_model
     if is_main_process():
         vocabulary.save(work_dir / "vocabulary.json")
     model = ConceptModel(
-        settings, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+        settings, image_size or config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
     )
     train_labels, stopping_labels = training.labels(vocabulary), valid_for_stopping.labels(vocabulary)
     model.fit(training.images, train_labels, list(vocabulary.cuis), valid_for_stopping.images, stopping_labels, work_dir)
-    probs, embeddings = model.predict_proba_and_embed(valid_all.images)
+    probs, embeddings = tta.predict_proba_and_embed(model, valid_all.images)
     ModelPredictions(valid_all.image_ids, probs.astype(np.float32), embeddings.astype(np.float32) if is_global else None).save(
         work_dir / PREDICTIONS_FILE
     )

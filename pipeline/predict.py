@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from conceptclef.core.runfiles import atomic_save_arrays
 from conceptclef.data.submission import write_submission, write_upload_zip
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.nonempty import at_least_one_concept
+from conceptclef.pipeline import tta
 from conceptclef.pipeline.datasets import ImageSet, load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
+from conceptclef.pipeline.global_models import ImagesAtSize, config_at_image_size, same_images, variant_dir
 from conceptclef.pipeline.preflight import check_device_available
+from conceptclef.pipeline.specialist_init import started_from_current_global, starts_from_global
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
 from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
@@ -38,6 +42,7 @@ class RunModels:
     global_model: ConceptModel
     category_models: dict[str, ConceptModel]
     vocabulary: ConceptVocabulary
+    extra_global_models: dict[str, ConceptModel] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels":
@@ -63,21 +68,52 @@ class RunModels:
             category_vocabulary = ConceptVocabulary.load(work_dir / "vocabulary.json")
             if category_vocabulary.fingerprint() != manifest.category_vocabularies.get(category):
                 raise RunDirectoryError(f"{work_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
+            if starts_from_global(config) and not started_from_current_global(layout, work_dir):
+                raise RunDirectoryError(f"{work_dir}: the {category} model started from an older global model; rerun train-all")
             category_models[category] = ConceptModel.load(work_dir, config.device, features)
-        return cls(router, global_model, category_models, vocabulary)
+        extra_global_models = {}
+        for variant in config.extra_global_models:
+            work_dir = variant_dir(layout, variant.name)
+            if not ConceptModel.is_trained(work_dir):
+                raise RunDirectoryError(f"{work_dir}: the extra global model {variant.name} is not trained; rerun train-all")
+            model = ConceptModel.load(work_dir, config.device, features)
+            if list(model.cuis_) != list(vocabulary.cuis):
+                raise RunDirectoryError(f"{work_dir}: the extra global model {variant.name} has another vocabulary than the global model")
+            extra_global_models[variant.name] = model
+        return cls(router, global_model, category_models, vocabulary, extra_global_models)
 
-    def predict(self, image_set: ImageSet) -> BaseOutputs:
+    def predict(self, image_set: ImageSet, images_at_size: ImagesAtSize | None = None) -> BaseOutputs:
+        """Every network's outputs; an extra global model at another image size reads its images from `images_at_size`."""
         images = image_set.images
-        global_probs, embeddings = self.global_model.predict_proba_and_embed(images)
+        global_probs, embeddings = tta.predict_proba_and_embed(self.global_model, images)
+        extra_probs = {}
+        for name, model in self.extra_global_models.items():
+            resized = image_set
+            if model.image_size != self.global_model.image_size:
+                if images_at_size is None:
+                    raise ValueError(f"extra global model {name}: needs the images at {model.image_size} px")
+                resized = images_at_size(model.image_size)
+            extra_probs[name] = tta.predict_proba(model, resized.images)
         return BaseOutputs(
             image_ids=image_set.image_ids,
-            router_probs=self.router.predict_proba(images),
+            router_probs=tta.predict_proba(self.router, images),
             router_categories=list(self.router.categories_),
             global_probs=global_probs,
             global_embeddings=embeddings,
-            category_probs={category: model.predict_proba(images) for category, model in self.category_models.items()},
+            category_probs={category: tta.predict_proba(model, images) for category, model in self.category_models.items()},
             category_cuis={category: list(model.cuis_) for category, model in self.category_models.items()},
+            extra_global_probs=extra_probs,
         )
+
+
+def unlabelled_images_at_size(images_dir: Path, config: Config, cache_dir: Path, reference: ImageSet) -> ImagesAtSize:
+    """Reads the test images again at another size (for extra global models), checked to be the same images."""
+
+    def at_size(image_size: int) -> ImageSet:
+        resized, _ = load_unlabelled_set(images_dir, config_at_image_size(config, image_size), cache_dir)
+        return same_images(reference, resized, images_dir)
+
+    return at_size
 
 
 def decisions_to_concepts(decisions: sp.spmatrix, image_ids: list[str], vocabulary: ConceptVocabulary, probs: sp.spmatrix) -> dict[str, list[str]]:
@@ -116,7 +152,8 @@ def predict_submission(
     models = RunModels.load(layout, manifest, config)
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
     image_set, bad = load_unlabelled_set(Path(images_dir), config, layout.cache_dir)
-    summary = write_predictions(models.predict(image_set), models.vocabulary, ensemble, Path(out_path), submission_format)
+    at_size = unlabelled_images_at_size(Path(images_dir), config, layout.cache_dir, image_set)
+    summary = write_predictions(models.predict(image_set, at_size), models.vocabulary, ensemble, Path(out_path), submission_format)
     if zip_path is not None:
         summary["upload_zip"] = str(write_upload_zip(out_path, zip_path))
     return {**summary, "unreadable_images": len(bad), "seconds": round(time.perf_counter() - started, 2)}

@@ -44,6 +44,9 @@ def check_machine(config: Config, origin: SettingOrigin, sections: Iterable[str]
         check_device_available(config.device, origin.where(("device",)))
     for section in sections:
         check_weight_source(getattr(config, section), section, origin)
+    if "global_model" in sections:  # each extra global model may name a backbone and weights of its own
+        for variant in config.extra_global_models:
+            check_weight_source(variant, f"extra_global_models.{variant.name}", origin)
 
 
 def check_device_available(device: str, where: str) -> None:

@@ -9,7 +9,7 @@ saved predictions (`train-all --only ensemble`) without touching the networks.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
 from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, ModelPredictions
 from conceptclef.pipeline.datasets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.global_models import variant_dir, variant_names
 from conceptclef.pipeline.run_directory import Manifest, RunLayout
 from conceptclef.pipeline.validation_scores import out_of_fold_decisions, validation_scores
 from conceptclef.scoring.secondary import outside_counts as secondary_outside_counts
@@ -50,6 +51,7 @@ class BaseOutputs:
     global_embeddings: np.ndarray
     category_probs: dict[str, np.ndarray]
     category_cuis: dict[str, list[str]]
+    extra_global_probs: dict[str, np.ndarray] = field(default_factory=dict)  # extra global models, global columns
 
 
 @dataclass
@@ -99,7 +101,7 @@ def load_knn_scorer(path: Path, n_neighbours: int) -> NearestNeighbourScorer:
     return NearestNeighbourScorer(n_neighbours=n_neighbours).fit(arrays["embeddings"], labels)
 
 
-def load_validation_outputs(layout: RunLayout, manifest: Manifest) -> BaseOutputs:
+def load_validation_outputs(layout: RunLayout, manifest: Manifest, extra_global_models: list[str] | tuple[str, ...] = ()) -> BaseOutputs:
     """The base models' saved predictions on the validation images, aligned by image id."""
     router = ModelPredictions.load(layout.router_dir / PREDICTIONS_FILE)
     global_predictions = ModelPredictions.load(layout.global_dir / PREDICTIONS_FILE)
@@ -114,6 +116,13 @@ def load_validation_outputs(layout: RunLayout, manifest: Manifest) -> BaseOutput
             raise RunDirectoryError(f"{layout.category_dir(category) / PREDICTIONS_FILE}: validation images differ from the global model's")
         category_probs[category] = predictions.probs
         category_cuis[category] = list(ConceptVocabulary.load(layout.category_dir(category) / "vocabulary.json").cuis)
+    extra_probs: dict[str, np.ndarray] = {}
+    for name in extra_global_models:
+        path = variant_dir(layout, name) / PREDICTIONS_FILE
+        predictions = ModelPredictions.load(path)
+        if predictions.image_ids != image_ids:
+            raise RunDirectoryError(f"{path}: validation images differ from the global model's")
+        extra_probs[name] = predictions.probs
     return BaseOutputs(
         image_ids=image_ids,
         router_probs=router.probs,
@@ -122,6 +131,7 @@ def load_validation_outputs(layout: RunLayout, manifest: Manifest) -> BaseOutput
         global_embeddings=global_predictions.embeddings,
         category_probs=category_probs,
         category_cuis=category_cuis,
+        extra_global_probs=extra_probs,
     )
 
 
@@ -149,6 +159,7 @@ def to_stacking_inputs(
         knn_scores=knn.predict(outputs.global_embeddings),
         concept_frequency=statistics.concept_frequency,
         category_concept_frequency=statistics.category_concept_frequency,
+        extra_global_probs=dict(outputs.extra_global_probs),
     )
 
 
@@ -170,7 +181,7 @@ def fit_ensemble_stage(
     save_knn_index(ensemble_dir / KNN_INDEX_FILE, train_embeddings.embeddings, train.labels(vocabulary))
     knn = load_knn_scorer(ensemble_dir / KNN_INDEX_FILE, config.ensemble.knn_neighbours)
 
-    outputs = load_validation_outputs(layout, manifest)
+    outputs = load_validation_outputs(layout, manifest, variant_names(config))
     by_id = {image_id: index for index, image_id in enumerate(valid.image_ids)}
     if [by_id.get(image_id) for image_id in outputs.image_ids] != list(range(len(valid.image_ids))):
         raise RunDirectoryError(f"{layout.global_dir / PREDICTIONS_FILE}: validation images differ from the data's")
@@ -288,7 +299,7 @@ class FittedEnsemble:
             )
         rule, decider = load_decision(ensemble_dir)
         stacker = ConceptStacker.load(ensemble_dir)
-        if stacker.feature_names_ != feature_names_for(manifest.categories):
+        if stacker.feature_names_ != feature_names_for(manifest.categories, variant_names(config)):
             raise RunDirectoryError(
                 f"{ensemble_dir / 'stacker.json'}: the stacker was fitted by another version of conceptclef "
                 "(different features); rerun `train-all --only ensemble` to re-fit it from the saved predictions"

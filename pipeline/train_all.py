@@ -30,6 +30,16 @@ from conceptclef.pipeline.category_record import write_category_record
 from conceptclef.pipeline.data_fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.datasets import ImageSet, load_training_sets, routable_categories
 from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.global_models import (
+    STAGE_PREFIX,
+    config_at_image_size,
+    same_images,
+    stage_name,
+    variant_by_stage,
+    variant_dir,
+    variant_image_size,
+    variant_training,
+)
 from conceptclef.pipeline.parallel import check_devices, run_on_devices
 from conceptclef.pipeline.preflight import SettingOrigin, check_data_fits, check_machine
 from conceptclef.pipeline.ranks import barrier, is_main_process
@@ -42,6 +52,7 @@ from conceptclef.pipeline.run_directory import (
     write_run_config,
 )
 from conceptclef.pipeline.run_lock import check_run_directory_writable, run_lock
+from conceptclef.pipeline.specialist_init import specialist_training, started_from_current_global, starts_from_global
 from conceptclef.pipeline.stacking import fit_ensemble_stage
 from conceptclef.router import router_class_for
 from conceptclef.training.runtime import seed_everything
@@ -65,7 +76,7 @@ def train_all(
     fitted_ensemble = saved_ensemble_config(layout)
     config = resolve_run_config(layout, config_path, overrides)
     origin = SettingOrigin(config_path, overrides, layout.config_path)
-    check_machine(config, origin, _networks_to_train(layout, only), check_device=not devices)  # --devices: checked above
+    check_machine(config, origin, _networks_to_train(layout, only, config), check_device=not devices)  # --devices: checked above
     check_run_directory_writable(layout.root)
     seed_everything(config.seed)
     cache_dir = image_cache_dir(Path(data_dir), config, layout)
@@ -99,7 +110,7 @@ def _train_all_locked(
         manifest.forget_finished(["ensemble"], layout)
     write_run_config(layout, config)
     barrier()
-    stages = _plan_stages(categories, only)
+    stages = _plan_stages(categories, only, [stage_name(variant) for variant in config.extra_global_models])
     log.info("run %s: %d train / %d valid images, categories %s", layout.root, len(train.records), len(valid.records), ", ".join(categories))
 
     global_vocabulary = ConceptVocabulary.from_concept_lists(train.concept_lists, min_count=config.data.min_concept_count)
@@ -115,12 +126,12 @@ def _train_all_locked(
     if devices:
         _train_in_parallel(jobs, devices, layout, Path(data_dir), cache_dir, config, train, valid)
     else:
-        _train_in_sequence(jobs, layout, config, train, valid)
+        _train_in_sequence(jobs, layout, config, train, valid, Path(data_dir))
     barrier()
     manifest.save(layout)
     # LightGBM and threshold tuning are single-process work: under torchrun, rank 0 does them.
     if "ensemble" in stages and is_main_process():
-        missing = _missing_base_models(layout, manifest)
+        missing = _missing_base_models(layout, manifest, config)
         if missing:
             raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(missing)}")
         # Asked for by name, the ensemble is re-fitted from the saved predictions even when done.
@@ -141,7 +152,7 @@ class ModelJob:
 
     @property
     def is_category(self) -> bool:
-        return self.name not in ("router", "global")
+        return self.name not in ("router", "global") and not self.name.startswith(STAGE_PREFIX)
 
 
 def _pending_models(
@@ -158,35 +169,68 @@ def _pending_models(
     jobs = []
     if "router" in stages and not _finished(layout.router_dir, router_class_for(categories), PREDICTIONS_FILE):
         jobs.append(ModelJob("router", None, len(train.records)))
-    if "global" in stages and not (
-        _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
-    ):
+    global_finished = _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
+    if "global" in stages and not global_finished:
         jobs.append(ModelJob("global", global_vocabulary, len(train.records)))
+    for variant in config.extra_global_models:
+        if stage_name(variant) in stages and not _finished(variant_dir(layout, variant.name), ConceptModel, PREDICTIONS_FILE):
+            jobs.append(ModelJob(stage_name(variant), global_vocabulary, len(train.records)))
+    global_queued = any(job.name == "global" for job in jobs)
     for category in categories:
         if category in stages:
             vocabulary = _decide_category(layout, manifest, config, category, train, valid)
-            if vocabulary is not None and not _finished(layout.category_dir(category), ConceptModel, PREDICTIONS_FILE):
-                jobs.append(ModelJob(category, vocabulary, len(_members(train, category))))
+            if vocabulary is None:
+                continue
+            work_dir = layout.category_dir(category)
+            current = _finished(work_dir, ConceptModel, PREDICTIONS_FILE) and (
+                not starts_from_global(config) or (not global_queued and started_from_current_global(layout, work_dir))
+            )
+            if current:
+                continue
+            if starts_from_global(config) and not global_queued and not global_finished:
+                raise RunDirectoryError(
+                    f"{layout.global_dir}: category {category} starts from the global model (category_model.init_from = \"global\"), "
+                    "which is not trained; add global to --only"
+                )
+            if _finished(work_dir, ConceptModel, PREDICTIONS_FILE):
+                log.warning("category %s: started from an older global model; it is retrained from the current one", category)
+            jobs.append(ModelJob(category, vocabulary, len(_members(train, category))))
     return jobs
 
 
-def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> None:
-    """Train one base model into its work directory (and nowhere else)."""
+def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path | None = None) -> None:
+    """Train one base model into its work directory (and nowhere else).
+
+    `data_dir` is needed only by an extra global model at another image size (its own image cache).
+    """
+    variant = variant_by_stage(config, job.name)
     if job.name == "router":
         train_router_stage(layout, config, train, valid)
     elif job.name == "global":
         assert job.vocabulary is not None
         train_concept_stage(layout.global_dir, config, train, job.vocabulary, valid, valid, train_all_images=train, is_global=True)
+    elif variant is not None:
+        assert job.vocabulary is not None
+        size = variant_image_size(variant, config)
+        if size != config.data.image_size:
+            if data_dir is None:
+                raise ValueError(f"{job.name}: an extra global model at {size} px needs the data folder")
+            resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, size))
+            train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
+        work_dir = variant_dir(layout, variant.name)
+        train_concept_stage(work_dir, config, train, job.vocabulary, valid, valid, settings=variant_training(variant), image_size=size)
     else:
         assert job.vocabulary is not None
         category_train = train.subset(_members(train, job.name))
         category_valid = valid.subset(_members(valid, job.name))
-        train_concept_stage(layout.category_dir(job.name), config, category_train, job.vocabulary, category_valid, valid)
+        work_dir = layout.category_dir(job.name)
+        settings = specialist_training(config, layout, work_dir)
+        train_concept_stage(work_dir, config, category_train, job.vocabulary, category_valid, valid, settings=settings)
 
 
-def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> None:
+def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path) -> None:
     for job in jobs:
-        train_model(job, layout, config, train, valid)
+        train_model(job, layout, config, train, valid, data_dir)
         barrier()
 
 
@@ -207,12 +251,22 @@ def _train_in_parallel(
     valid: ImageSet,
 ) -> None:
     expected = _image_ids_digest(train, valid)
-    run_on_devices(
-        largest_first(jobs),
-        devices,
-        prepare=functools.partial(_prepare_worker, layout, data_dir, cache_dir, config, expected),
-        work=_train_in_worker,
-    )
+    for wave in dependency_waves(jobs, config):
+        run_on_devices(
+            largest_first(wave),
+            devices,
+            prepare=functools.partial(_prepare_worker, layout, data_dir, cache_dir, config, expected),
+            work=_train_in_worker,
+        )
+
+
+def dependency_waves(jobs: Sequence[ModelJob], config: Config) -> list[list[ModelJob]]:
+    """Jobs that may run side by side: category models started from the global model wait for it."""
+    if not starts_from_global(config):
+        return [list(jobs)]
+    first = [job for job in jobs if not job.is_category]
+    second = [job for job in jobs if job.is_category]
+    return [wave for wave in (first, second) if wave]
 
 
 @dataclass
@@ -221,6 +275,7 @@ class _WorkerContext:
     config: Config
     train: ImageSet
     valid: ImageSet
+    data_dir: Path
 
 
 def _prepare_worker(
@@ -234,11 +289,11 @@ def _prepare_worker(
     train, valid = load_training_sets(data_dir, config, cache_dir)
     if _image_ids_digest(train, valid) != expected_ids:
         raise RunDirectoryError(f"{data_dir}: the images changed while train-all was starting; run it again")
-    return _WorkerContext(layout, config.replace(device=device), train, valid)
+    return _WorkerContext(layout, config.replace(device=device), train, valid, data_dir)
 
 
 def _train_in_worker(job: ModelJob, context: _WorkerContext) -> None:
-    train_model(job, context.layout, context.config, context.train, context.valid)
+    train_model(job, context.layout, context.config, context.train, context.valid, context.data_dir)
 
 
 def _image_ids_digest(*image_sets: ImageSet) -> str:
@@ -288,8 +343,11 @@ def _check_vocabulary(layout: RunLayout, manifest: Manifest, name: str, vocabula
         )
 
 
-def _plan_stages(categories: list[str], only: Sequence[str] | None) -> set[str]:
-    everything = {"router", "global", "ensemble", *categories}
+def _plan_stages(categories: list[str], only: Sequence[str] | None, extra_global_stages: Sequence[str] = ()) -> set[str]:
+    clashing = sorted(set(categories) & set(extra_global_stages))
+    if clashing:
+        raise ConfigError(f"extra_global_models: {', '.join(clashing)} is also a category's name; rename the extra global model")
+    everything = {"router", "global", "ensemble", *categories, *extra_global_stages}
     if not only:
         return everything
     unknown = [stage for stage in only if stage not in everything]
@@ -341,24 +399,37 @@ def _decide_category(
     return vocabulary
 
 
-def _networks_to_train(layout: RunLayout, only: Sequence[str] | None) -> set[str]:
+def _networks_to_train(layout: RunLayout, only: Sequence[str] | None, config: Config) -> set[str]:
     """Config sections of the networks this command may still train: all for a new run, none when a
     resume only re-fits the ensemble (that needs neither the weight files nor the training device)."""
     if not layout.manifest_path.is_file():
         return {"router", "global_model", "category_model"}
-    missing = [name for name in _missing_base_models(layout, Manifest.load(layout)) if not only or name in only]
-    return {{"router": "router", "global": "global_model"}.get(name, "category_model") for name in missing}
+    missing = [name for name in _missing_base_models(layout, Manifest.load(layout), config) if not only or name in only]
+    return {_network_section(name) for name in missing}
 
 
-def _missing_base_models(layout: RunLayout, manifest: Manifest) -> list[str]:
+def _network_section(model: str) -> str:
+    """The config section whose weights and device a missing model needs (extra global models: [global_model]'s)."""
+    if model == "router":
+        return "router"
+    return "global_model" if model == "global" or model.startswith(STAGE_PREFIX) else "category_model"
+
+
+def _missing_base_models(layout: RunLayout, manifest: Manifest, config: Config) -> list[str]:
     missing = []
     if not _finished(layout.router_dir, router_class_for(manifest.categories), PREDICTIONS_FILE):
         missing.append("router")
     if not _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE):
         missing.append("global")
+    for variant in config.extra_global_models:
+        if not _finished(variant_dir(layout, variant.name), ConceptModel, PREDICTIONS_FILE):
+            missing.append(stage_name(variant))
     for category in manifest.categories:
         if category in manifest.fallback_categories:
             continue
-        if not _finished(layout.category_dir(category), ConceptModel, PREDICTIONS_FILE):
+        work_dir = layout.category_dir(category)
+        if not _finished(work_dir, ConceptModel, PREDICTIONS_FILE):
             missing.append(category)
+        elif starts_from_global(config) and not started_from_current_global(layout, work_dir):
+            missing.append(f"{category} (started from an older global model)")
     return missing
