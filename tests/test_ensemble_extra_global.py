@@ -13,7 +13,7 @@ from conceptclef.core.config import EnsembleConfig
 from conceptclef.ensemble.candidates import build_candidates
 from conceptclef.ensemble.features import build_pair_table, feature_names_for
 from conceptclef.ensemble.stacker import ConceptStacker
-from conceptclef.ensemble.synthetic import make_synthetic_set
+from synthetic_stacking import make_synthetic_set
 
 
 def _view_of_truth(truth, strength: float, seed: int) -> np.ndarray:
