@@ -211,7 +211,6 @@ def test_read_only_data_folder_caches_inside_the_run(data, tmp_path, read_only):
 _HOLD_LOCK = """
 import sys, time
 from conceptclef.pipeline.run_lock import run_lock
-from test_reliability_inputs import data, pristine  # noqa: F401 - the same small demo dataset and its fresh copies
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
