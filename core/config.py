@@ -53,6 +53,17 @@ class TrainingConfig:
     lr_reduce_patience: int = 1
     lr_reduce_factor: float = 0.3
     unfreeze_every_epochs: int = 1  # layerwise: one more block of the backbone per this many epochs
+    # Fine-tuning recipe (training.schedule, training.head_warmup); the defaults are the plain loop.
+    head_warmup_epochs: int = 0  # full/layerwise: first train the head alone on cached backbone features
+    backbone_lr_factor: float = 1.0  # the top backbone group learns at learning_rate x this
+    layer_lr_decay: float = 1.0  # each lower unfreeze group learns at the rate of the group above x this
+    schedule: Literal["plateau", "cosine"] = "plateau"  # after warm-up: reduce on a plateau, or cosine over the budget
+    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up
+    min_steps: int = 0  # more epochs until at least this many optimizer steps (small training sets)
+    max_steps: int = 0  # fewer epochs so at most this many optimizer steps (0: epochs decide)
+    batchnorm: Literal["train", "frozen"] = "train"  # frozen: statistics never learn augmentation fill pixels
+    unfreeze_groups: Literal["coarse", "fine"] = "coarse"  # fine: one group per block, the final conv alone
+    max_unfrozen_groups: int = 0  # fine-tune at most this many top backbone groups (0: all)
     drop_rate: float = 0.2
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only

@@ -34,7 +34,9 @@ from conceptclef.training import distributed
 from conceptclef.training.backbones import ImageClassifier, create_network
 from conceptclef.training.batches import ImageBatches, Targets, batch_loader, check_images
 from conceptclef.training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
-from conceptclef.training.feature_store import ExtractionSettings, FeatureStore, head_probabilities, shared_feature_store
+from conceptclef.training.feature_extraction import ExtractionSettings, head_probabilities
+from conceptclef.training.feature_registry import shared_feature_store
+from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
 from conceptclef.training.runtime import progress_enabled, resolve_device, seed_everything
