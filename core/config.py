@@ -55,6 +55,7 @@ class TrainingConfig:
     unfreeze_every_epochs: int = 1  # layerwise: one more block of the backbone per this many epochs
     # Fine-tuning recipe (training.schedule, training.head_warmup); the defaults are the plain loop.
     head_warmup_epochs: int = 0  # full/layerwise: first train the head alone on cached backbone features
+    head_warmup_learning_rate: float = 0.0  # the head's rate in that warm-up (0: learning_rate)
     backbone_lr_factor: float = 1.0  # the top backbone group learns at learning_rate x this
     layer_lr_decay: float = 1.0  # each lower unfreeze group learns at the rate of the group above x this
     schedule: Literal["plateau", "cosine"] = "plateau"  # after warm-up: reduce on a plateau, or cosine over the budget

@@ -176,6 +176,31 @@ def test_an_interrupted_fine_tuning_does_not_train_its_head_warmup_again(tmp_pat
     assert again["history"] == warmed["history"]
 
 
+def test_changing_only_the_fine_tuning_keeps_the_finished_head_warmup(tmp_path, monkeypatch):
+    weights, _ = _start_weights(tmp_path)
+    images, labels, valid_images, valid_labels = _concept_data()
+    work_dir = tmp_path / "model"
+    ConceptModel(_finetune(weights, head_warmup_epochs=3, epochs=1), SIZE, "cpu").fit(
+        images, labels, CONCEPTS, valid_images, valid_labels, work_dir
+    )
+    modes = []
+    original_fit = loop.Trainer.fit
+
+    def spy(self, *arguments, **keywords):
+        modes.append(self.training.finetune)
+        return original_fit(self, *arguments, **keywords)
+
+    monkeypatch.setattr(loop.Trainer, "fit", spy)
+    tuned = _finetune(weights, head_warmup_epochs=3, epochs=2, backbone_lr_factor=0.5, schedule="cosine", warmup_steps=2)
+    ConceptModel(tuned, SIZE, "cpu").fit(images, labels, CONCEPTS, valid_images, valid_labels, work_dir)
+    assert modes == ["layerwise"]  # the fine-tuning trained again, its warm-up was loaded
+    modes.clear()
+    ConceptModel(dataclasses.replace(tuned, head_warmup_learning_rate=1e-3), SIZE, "cpu").fit(
+        images, labels, CONCEPTS, valid_images, valid_labels, work_dir
+    )
+    assert modes == ["head", "layerwise"]  # a different warm-up is never reused
+
+
 # -- step budgets -----------------------------------------------------------------------------------
 def test_step_budgets_raise_and_cap_the_epochs():
     training = dataclasses.replace(CONFIG.global_model, batch_size=16, epochs=4)

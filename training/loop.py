@@ -13,9 +13,16 @@ Fine-tuning modes:
              tensors, which turns a CPU epoch into milliseconds. With a `FeatureStore`
              (training.feature_store) they are computed once per process for ALL models that
              share the backbone and the images, and can be kept on disk between runs.
-  layerwise  the head trains first; every `unfreeze_every_epochs` epochs one more backbone stage
-             (timm's coarse layer groups) unfreezes, from the top down. Frozen batch norms keep
-             their ImageNet statistics.
+  layerwise  the head trains first; every `unfreeze_every_epochs` epochs one more backbone group
+             (timm's stages, or with unfreeze_groups = "fine" single blocks) unfreezes, from the
+             top down, up to `max_unfrozen_groups`. Frozen batch norms keep their ImageNet statistics.
+
+The fine-tuning recipe (full and layerwise; see training.schedule): with `head_warmup_epochs` the
+head is first trained alone on cached features (`warm_start_head`, an ordinary head-mode run in
+MODEL/head-warmup) and fine-tuning starts from it; the backbone learns at discriminative rates
+(`backbone_lr_factor`, `layer_lr_decay`); the rate warms up linearly over `warmup_steps`
+optimizer steps, then follows the plateau rule or a cosine over the step budget (`min_steps`,
+`max_steps`); `batchnorm = "frozen"` keeps every batch norm's statistics out of training.
 
 Early stopping and LR reduction do not start counting while the metric has only ever been 0
 (with thousands of rare concepts, no probability may reach 0.5 for the first epochs).
@@ -149,6 +156,7 @@ def fit_network(
     summarize: Callable[[np.ndarray], dict[str, Any]] | None = None,
     on_epoch_end: EpochCallback | None = None,
     feature_store: FeatureStore | None = None,
+    warmup_fingerprint: str | None = None,
 ) -> FitResult:
     """Train `network` (resuming `work_dir` when it holds this job's unfinished state) and keep the best epoch.
 
@@ -174,7 +182,10 @@ def fit_network(
     if device_settings.channels_last:
         network.to(memory_format=torch.channels_last)
     if training.finetune != "head" and training.head_warmup_epochs > 0 and not files.resume.is_file():
-        warm_start_head(network, objective, training, (train, valid), files.work_dir / HEAD_WARMUP_FOLDER, settings, checkpoint_metadata, fingerprint, feature_store)
+        warm_start_head(
+            network, objective, training, (train, valid), files.work_dir / HEAD_WARMUP_FOLDER, settings, checkpoint_metadata,
+            fingerprint, feature_store, warmup_fingerprint,
+        )
         seed_everything(settings.seed)  # fine-tuning starts from the same RNG state whether the head was trained or loaded
     initial_weights = cpu_state_dict(network)  # copies: restored if a resume attempt fails half-way
     wants_sync = training.finetune != "head" and training.batchnorm != "frozen"
@@ -197,18 +208,18 @@ def warm_start_head(
     checkpoint_metadata: dict[str, Any],
     fingerprint: str,
     feature_store: FeatureStore | None,
+    warmup_fingerprint: str | None = None,
 ) -> None:
     """Train `network.head` alone on cached features of the untouched backbone and keep its best epoch.
 
     A random head's large gradients would otherwise flow into the pretrained blocks during the
     first fine-tuning steps; on cached features the head converges in seconds. The run is an
     ordinary head-mode run in `work_dir` (its own checkpoint, curves and resume), so a finished
-    warm-up is loaded instead of retrained.
+    warm-up is loaded instead of retrained. `warmup_fingerprint` identifies the warm-up job alone
+    (the estimator hashes `head_warmup_config`), so changing only the fine-tuning keeps it.
     """
-    head_training = dataclasses.replace(
-        training, finetune="head", epochs=training.head_warmup_epochs, schedule="plateau", warmup_steps=0, min_steps=0, max_steps=0
-    )
-    head_fingerprint = f"{fingerprint}-head-warmup"
+    head_training = head_warmup_config(training)
+    head_fingerprint = warmup_fingerprint or f"{fingerprint}-head-warmup"
     files = RunFiles(work_dir)
     state = files.read_state()
     if state and state.get("finished") and state.get("fingerprint") == head_fingerprint:
@@ -226,6 +237,27 @@ def warm_start_head(
     )
 
 
+def head_warmup_config(training: TrainingConfig) -> TrainingConfig:
+    """The head-only run a fine-tuning starts from: fine-tuning fields reset, so they do not change its identity."""
+    defaults = TrainingConfig()
+    return dataclasses.replace(
+        training,
+        finetune="head",
+        epochs=training.head_warmup_epochs,
+        learning_rate=training.head_warmup_learning_rate or training.learning_rate,
+        augment=defaults.augment,  # head mode trains on features of un-augmented images
+        **{
+            name: getattr(defaults, name)
+            for name in (
+                "head_warmup_epochs", "head_warmup_learning_rate", "backbone_lr_factor", "layer_lr_decay", "schedule",
+                "warmup_steps", "min_steps", "max_steps", "batchnorm", "unfreeze_groups", "max_unfrozen_groups",
+                "unfreeze_every_epochs",
+            )
+        },
+    )
+
+
+@dataclass(eq=False)
 class Trainer:
     """One network's training run: the trained module, optimizer, schedules, scaler, files and progress.
 
@@ -233,26 +265,15 @@ class Trainer:
     leaves the best epoch's weights in the network.
     """
 
-    def __init__(
-        self,
-        network: ImageClassifier,
-        objective: Objective,
-        training: TrainingConfig,
-        files: RunFiles,
-        settings: RunSettings,
-        device_settings: DeviceSettings,
-        checkpoint_metadata: dict[str, Any],
-        fingerprint: str,
-    ) -> None:
-        self.network = network
-        self.objective = objective
-        self.training = training
-        self.files = files
-        self.settings = settings
-        self.device_settings = device_settings
-        self.checkpoint_metadata = checkpoint_metadata
-        self.fingerprint = fingerprint
-        self.progress = _Progress()
+    network: ImageClassifier
+    objective: Objective
+    training: TrainingConfig
+    files: RunFiles
+    settings: RunSettings
+    device_settings: DeviceSettings
+    checkpoint_metadata: dict[str, Any]
+    fingerprint: str
+    progress: _Progress = field(default_factory=_Progress)
 
     # -- setup --------------------------------------------------------------------------------
     def _build(self, train: tuple[Any, Targets], valid: tuple[Any, Targets], feature_store: FeatureStore | None) -> None:
