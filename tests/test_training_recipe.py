@@ -164,7 +164,7 @@ def test_an_interrupted_fine_tuning_does_not_train_its_head_warmup_again(tmp_pat
     ConceptModel(training, SIZE, "cpu").fit(
         images, labels, CONCEPTS, valid_images, valid_labels, work_dir, on_epoch_end=lambda record: epochs.append(record["epoch"])
     )
-    assert modes == ["layerwise"] and epochs == [2]  # resumed after fine-tuning epoch 1
+    assert modes == ["layerwise"] and epochs == [2]  # resumed after fine-tuning epoch 1, the warm-up only loaded
 
     # a fine-tuning that restarts from scratch (no resume state) loads the finished warm-up
     (work_dir / "state.json").unlink()
@@ -199,6 +199,32 @@ def test_changing_only_the_fine_tuning_keeps_the_finished_head_warmup(tmp_path, 
         images, labels, CONCEPTS, valid_images, valid_labels, work_dir
     )
     assert modes == ["head", "layerwise"]  # a different warm-up is never reused
+
+
+def test_a_resume_state_of_another_job_never_skips_the_warm_start(tmp_path, monkeypatch):
+    weights, _ = _start_weights(tmp_path)
+    images, labels, valid_images, valid_labels = _concept_data()
+    work_dir = tmp_path / "model"
+    with pytest.raises(Interrupted):
+        ConceptModel(_finetune(weights, head_warmup_epochs=3, epochs=2), SIZE, "cpu").fit(
+            images, labels, CONCEPTS, valid_images, valid_labels, work_dir, on_epoch_end=_interrupt
+        )
+    assert (work_dir / "resume.pt").is_file()
+    heads = []
+    original_fit = loop.Trainer.fit
+
+    def spy(self, *arguments, **keywords):
+        heads.append({key: value.clone() for key, value in self.network.head.state_dict().items()})
+        return original_fit(self, *arguments, **keywords)
+
+    monkeypatch.setattr(loop.Trainer, "fit", spy)
+    ConceptModel(_finetune(weights, head_warmup_epochs=3, epochs=2, backbone_lr_factor=0.5), SIZE, "cpu").fit(
+        images, labels, CONCEPTS, valid_images, valid_labels, work_dir
+    )
+    warmed = torch.load(work_dir / loop.HEAD_WARMUP_FOLDER / "checkpoint.pt", weights_only=True)["model"]
+    assert len(heads) == 1  # the warm-up was loaded, and the other job's resume state was not used
+    for key, value in heads[0].items():
+        torch.testing.assert_close(value, warmed[f"head.{key}"], rtol=0, atol=0)
 
 
 # -- step budgets -----------------------------------------------------------------------------------

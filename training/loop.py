@@ -181,7 +181,9 @@ def fit_network(
     network.to(settings.device)
     if device_settings.channels_last:
         network.to(memory_format=torch.channels_last)
-    if training.finetune != "head" and training.head_warmup_epochs > 0 and not files.resume.is_file():
+    # Also when resuming: the finished warm-up then only loads (and a resume.pt of another job
+    # must not make a fresh fine-tuning start without its warm-up).
+    if training.finetune != "head" and training.head_warmup_epochs > 0:
         warm_start_head(
             network, objective, training, (train, valid), files.work_dir / HEAD_WARMUP_FOLDER, settings, checkpoint_metadata,
             fingerprint, feature_store, warmup_fingerprint,
