@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from conceptclef.core.runfiles import atomic_output  # noqa: E402
 
@@ -35,8 +36,12 @@ def write_training_curves(path: Path, history: list[dict[str, Any]], metric_name
             metric_axis.scatter([epochs[best]], [metrics[best]], color="tab:red", zorder=3, label=f"best: epoch {epochs[best]}")
             metric_axis.legend(loc="lower right", fontsize="small")
         metric_axis.set(title=f"validation {metric_name}", xlabel="epoch")
-        rate_axis.plot(epochs, [record["lr"] for record in history], marker=".", color="tab:purple")
-        rate_axis.set(title="head learning rate (epoch end)", xlabel="epoch", yscale="log")
+        rates = [record["lr"] for record in history]
+        rate_axis.plot(epochs, rates, marker=".", color="tab:purple")
+        # log scale shows plateau cuts best, but a cosine ends at 0, which a log axis would drop
+        rate_axis.set(title="head learning rate (epoch end)", xlabel="epoch", yscale="log" if min(rates, default=0) > 0 else "linear")
+        for axis in (loss_axis, metric_axis, rate_axis):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.suptitle(title)
         figure.tight_layout()
         with atomic_output(path, "wb") as stream:
