@@ -19,7 +19,11 @@ from conceptclef.training import loop
 from conceptclef.training.backbones import create_network, layer_groups
 from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.schedule import learning_rate_factor, parameter_groups, planned_epochs
-from conceptclef.training.synthetic import class_concepts, colour_coded_images
+
+try:  # the test-only generators move from the package to tests/synthetic_images.py (issue 11.3)
+    from synthetic_images import class_concepts, colour_coded_images
+except ImportError:
+    from conceptclef.training.synthetic import class_concepts, colour_coded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "configs" / "test.toml")
