@@ -89,6 +89,18 @@ class TrainingConfig:
     lr_reduce_patience: int = checked(1, ge=0)
     lr_reduce_factor: float = checked(0.3, gt=0, le=1)
     unfreeze_every_epochs: int = checked(1, ge=1)  # layerwise: one more block of the backbone per this many epochs
+    # Fine-tuning recipe (training.schedule, training.head_warmup); the defaults are the plain loop.
+    head_warmup_epochs: int = checked(0, ge=0)  # full/layerwise: first train the head alone on cached backbone features
+    head_warmup_learning_rate: float = checked(0.0, ge=0)  # the head's rate in that warm-up (0: learning_rate)
+    backbone_lr_factor: float = checked(1.0, gt=0)  # the top backbone group learns at learning_rate x this
+    layer_lr_decay: float = checked(1.0, gt=0, le=1)  # each lower unfreeze group learns at the rate of the group above x this
+    schedule: Literal["plateau", "cosine"] = "plateau"  # after warm-up: reduce on a plateau, or cosine over the budget
+    warmup_steps: int = checked(0, ge=0)  # optimizer steps of linear learning-rate warm-up
+    min_steps: int = checked(0, ge=0)  # more epochs until at least this many optimizer steps (small training sets)
+    max_steps: int = checked(0, ge=0)  # fewer epochs so at most this many optimizer steps (0: epochs decide)
+    batchnorm: Literal["train", "frozen"] = "train"  # frozen: statistics never learn augmentation fill pixels
+    unfreeze_groups: Literal["coarse", "fine"] = "coarse"  # fine: one group per block, the final conv alone
+    max_unfrozen_groups: int = checked(0, ge=0)  # fine-tune at most this many top backbone groups (0: all)
     drop_rate: float = checked(0.2, ge=0, lt=1)
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only

@@ -32,3 +32,29 @@ def test_gpu_config_fine_tunes_a_larger_backbone_with_amp():
     for section in (config.router, config.global_model, config.category_model):
         assert section.finetune in ("full", "layerwise")
         assert section.amp and section.channels_last
+
+
+def _uses_the_fine_tuning_recipe(section) -> bool:
+    return (
+        section.finetune in ("full", "layerwise")
+        and section.head_warmup_epochs > 0
+        and 0 < section.backbone_lr_factor < 1
+        and 0 < section.layer_lr_decay <= 1
+        and section.schedule == "cosine"
+        and section.warmup_steps > 0
+        and section.batchnorm == "frozen"
+        and section.unfreeze_groups == "fine"
+    )
+
+
+def test_gpu_config_fine_tunes_every_network_with_the_recipe():
+    config = load_config(CONFIGS / "gpu.toml")
+    assert all(_uses_the_fine_tuning_recipe(section) for section in (config.router, config.global_model, config.category_model))
+    assert config.category_model.min_steps > 0  # small categories are not starved
+
+
+def test_cpu_finetune_config_differs_from_cpu_only_in_the_fine_tuned_networks():
+    frozen, tuned = load_config(CONFIGS / "cpu.toml"), load_config(CONFIGS / "cpu-finetune.toml")
+    assert tuned.data == frozen.data and tuned.ensemble == frozen.ensemble and tuned.router == frozen.router
+    assert _uses_the_fine_tuning_recipe(tuned.global_model)
+    assert tuned.global_model.backbone == frozen.global_model.backbone and tuned.global_model.weights == frozen.global_model.weights

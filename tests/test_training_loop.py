@@ -84,7 +84,7 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, fi
     assert ModalityRouter.is_trained(tmp_path) and not (tmp_path / "resume.pt").exists()
 
 
-def test_truncated_resume_checkpoint_is_retrained_from_scratch(tmp_path, finished_router):
+def test_truncated_resume_checkpoint_is_retrained_from_scratch(tmp_path, finished_router, caplog):
     _, expected, _ = finished_router
     images, categories, valid_images, valid_categories = _router_data()
     with pytest.raises(Interrupted):
@@ -94,10 +94,11 @@ def test_truncated_resume_checkpoint_is_retrained_from_scratch(tmp_path, finishe
     resume = tmp_path / "resume.pt"
     resume.write_bytes(resume.read_bytes()[: resume.stat().st_size // 2])
     epochs_run = []
-    with pytest.warns(RuntimeWarning, match="cannot resume"):
+    with caplog.at_level(logging.WARNING, logger="conceptclef"):
         router = ModalityRouter(ROUTER, SIZE, "cpu", seed=3).fit(
             images, categories, valid_images, valid_categories, tmp_path, on_epoch_end=lambda r: epochs_run.append(r["epoch"])
         )
+    assert "cannot resume" in caplog.text and "training from scratch" in caplog.text
     assert epochs_run == [1, 2, 3]
     np.testing.assert_array_equal(router.predict_proba(valid_images), expected)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import group_parameters
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
 from conceptclef.training.weights import (
@@ -28,6 +29,8 @@ from conceptclef.training.weights import (
     load_into_backbone,
     read_state_dict,
 )
+
+_TOP_ORDINAL = (MATCH_PREV_GROUP[0] - 1,)  # sorts after every block, without merging into the last one
 
 
 class ImageClassifier(nn.Module):
@@ -113,10 +116,25 @@ def _hub_backbone(name: str) -> nn.Module:
         ) from error
 
 
-def layer_groups(backbone: nn.Module) -> list[list[str]]:
-    """Backbone parameter names grouped stem -> stages (timm's coarse groups), bottom to top."""
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+def layer_groups(backbone: nn.Module, fine: bool = False) -> list[list[str]]:
+    """Backbone parameter names grouped stem -> stages, bottom to top.
+
+    Coarse: timm's stage groups. Fine: timm's block groups, and the final conv/norm that timm
+    merges into the last block (EfficientNet's `conv_head`/`bn2`) becomes a group of its own, so
+    a layer-wise schedule can train it before touching any block.
+    """
+    matcher = backbone.group_matcher(coarse=not fine)
+    if fine and isinstance(matcher, dict):
+        matcher = {name: _own_group(spec) for name, spec in matcher.items()}
+    groups = group_parameters(backbone, matcher)
     return [list(names) for _, names in sorted(groups.items())]
+
+
+def _own_group(spec: object) -> object:
+    """A timm matcher spec whose "merge with the previous group" entries get a top ordinal instead."""
+    if not isinstance(spec, (list, tuple)):
+        return spec
+    return [(pattern, _TOP_ORDINAL if suffix == MATCH_PREV_GROUP else suffix) for pattern, suffix in spec]
 
 
 def unfreeze_top_groups(network: ImageClassifier, groups: Sequence[Sequence[str]], count: int) -> None:
@@ -132,14 +150,17 @@ def unfreeze_top_groups(network: ImageClassifier, groups: Sequence[Sequence[str]
         parameter.requires_grad_(True)
 
 
-def train_mode_except_frozen(module: nn.Module) -> None:
+def train_mode_except_frozen(module: nn.Module, freeze_statistics: bool = False) -> None:
     """train() mode, but batch norms whose weights are frozen keep their running statistics.
 
     Updating ImageNet BN statistics under frozen weights would shift every frozen feature.
+    `freeze_statistics` keeps EVERY batch norm in eval mode (training.batchnorm = "frozen"):
+    its affine weights still learn, but its statistics never see the black fill pixels that
+    rotation and zoom add, nor the noise of small fine-tuning batches.
     """
     module.train()
     for child in module.modules():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             own = list(child.parameters(recurse=False))
-            if own and not any(parameter.requires_grad for parameter in own):
+            if freeze_statistics or (own and not any(parameter.requires_grad for parameter in own)):
                 child.eval()

@@ -33,9 +33,11 @@ from conceptclef.training import distributed
 from conceptclef.training.backbones import ImageClassifier, create_network
 from conceptclef.training.batches import ImageBatches, Targets, batch_loader, check_images
 from conceptclef.training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
-from conceptclef.training.feature_store import ExtractionSettings, FeatureStore, head_probabilities, shared_feature_store
+from conceptclef.training.feature_extraction import ExtractionSettings, head_probabilities
+from conceptclef.training.feature_registry import shared_feature_store
+from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
-from conceptclef.training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network
+from conceptclef.training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network, head_warmup_config
 from conceptclef.training.runtime import progress_enabled, report_training_from_scratch, resolve_device, seed_everything
 
 log = logging.getLogger("conceptclef")
@@ -152,15 +154,16 @@ class NetworkEstimator:
             summarize=lambda outputs: self._summarize(outputs, valid_targets),
             on_epoch_end=on_epoch_end,
             feature_store=self._store(),
+            warmup_fingerprint=self._fingerprint(classes, targets, valid_targets, head_warmup_config(self.training)),
         )
         self.network_, self.device_ = network, device
         self._adopt(classes, result.history, result.best_metric, result.summary)
         return self
 
-    def _fingerprint(self, classes: list[str], targets: Targets, valid_targets: Targets) -> str:
+    def _fingerprint(self, classes: list[str], targets: Targets, valid_targets: Targets, training: TrainingConfig | None = None) -> str:
         job = {
             "kind": self.kind,
-            "training": dataclasses.asdict(self.training),
+            "training": dataclasses.asdict(training or self.training),
             "image_size": self.image_size,
             "seed": self.seed,
             "classes": classes,
