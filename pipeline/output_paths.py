@@ -49,21 +49,17 @@ def check_submission_path(out: Path, protected: dict[str, Path], overwrite: bool
         raise OutputPathError(parent, "folder of --out does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(parent, "folder of --out is not writable")
-    if out.exists() and not overwrite and not was_written_by_predict(out):
-        raise OutputPathError(
-            out,
-            f"already exists and was not written by predict (no {sidecar.name} beside it); "
-            "pass --overwrite to replace it, or choose another --out",
-        )
+    _refuse_replacing_foreign(out, out, overwrite, f"was not written by predict (no {sidecar.name} beside it)")
 
 
 def check_upload_zip_path(zip_path: Path, submission: Path, overwrite: bool = False) -> None:
     """The `--zip` upload sits beside the submission: replace it only as the submission may be replaced."""
     if zip_path.is_dir():
         raise OutputPathError(zip_path, "is a directory; --zip writes the upload there: choose another --out")
-    if zip_path.exists() and not overwrite and not was_written_by_predict(submission):
-        raise OutputPathError(
-            zip_path,
-            f"already exists and {submission.name} beside it was not written by predict; "
-            "pass --overwrite to replace it, or choose another --out",
-        )
+    _refuse_replacing_foreign(zip_path, submission, overwrite, f"{submission.name} beside it was not written by predict")
+
+
+def _refuse_replacing_foreign(path: Path, submission: Path, overwrite: bool, why: str) -> None:
+    """An existing file is replaced only with --overwrite or when predict wrote `submission`."""
+    if path.exists() and not overwrite and not was_written_by_predict(submission):
+        raise OutputPathError(path, f"already exists and {why}; pass --overwrite to replace it, or choose another --out")

@@ -189,3 +189,21 @@ def test_a_moved_weight_file_blocks_only_the_resume_that_must_train_a_network(tr
     message = cli_error("train-all", "--data", trained["data"], "--out", run)
     assert message == f"error: {config}:{line}: global_model.weights = '{moved}': weight file not found"
     assert {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")} == before
+
+
+def test_upload_zip_beside_a_foreign_file_is_refused_before_work(tmp_path):
+    """`--zip` must not replace an existing zip unless predict wrote the submission beside it."""
+    from conceptclef.pipeline.output_paths import OutputPathError, check_upload_zip_path, probabilities_path_for
+
+    submission, upload = tmp_path / "submission.csv", tmp_path / "submission.zip"
+    upload.write_bytes(b"someone else's upload")
+    with pytest.raises(OutputPathError, match="submission.zip: already exists and submission.csv beside it was not written"):
+        check_upload_zip_path(upload, submission)
+    check_upload_zip_path(upload, submission, overwrite=True)
+    submission.write_text("ID,CUIs\n")
+    probabilities_path_for(submission).write_bytes(b"")
+    check_upload_zip_path(upload, submission)  # predict's own earlier output may be replaced
+    upload.unlink()
+    upload.mkdir()
+    with pytest.raises(OutputPathError, match="is a directory"):
+        check_upload_zip_path(upload, submission, overwrite=True)
