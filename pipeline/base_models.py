@@ -23,7 +23,7 @@ from conceptclef.pipeline.ranks import is_main_process
 from conceptclef.pipeline.run_directory import RunLayout
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
 from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
-from conceptclef.training.feature_store import feature_store_for
+from conceptclef.training.feature_registry import feature_store_for
 
 log = logging.getLogger("conceptclef")
 

@@ -27,7 +27,7 @@ from conceptclef.pipeline.specialist_init import started_from_current_global, st
 from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
 from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
-from conceptclef.training.feature_store import feature_store_for
+from conceptclef.training.feature_registry import feature_store_for
 
 log = logging.getLogger("conceptclef")
 

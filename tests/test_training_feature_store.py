@@ -18,13 +18,9 @@ from conceptclef.pipeline.datasets import SubsetImages
 from conceptclef.router import ModalityRouter
 from conceptclef.training.backbones import ImageClassifier, create_network
 from conceptclef.training.batches import ImageBatches, batch_loader
-from conceptclef.training.feature_store import (
-    ExtractionSettings,
-    FeatureStore,
-    compute_features,
-    extractor_identity,
-    image_source,
-)
+from conceptclef.training.feature_extraction import ExtractionSettings, compute_features, extractor_identity
+from conceptclef.training.feature_store import FeatureStore
+from conceptclef.training.image_identity import image_source
 from conceptclef.training.inference import DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.runtime import seed_everything
 from synthetic_images import class_concepts, colour_coded_images
@@ -230,7 +226,8 @@ def test_features_on_disk_serve_a_new_process(tmp_path, data):
     script = f"""
 import sys, numpy as np, torch
 from conceptclef.training.backbones import create_network
-from conceptclef.training.feature_store import ExtractionSettings, FeatureStore
+from conceptclef.training.feature_extraction import ExtractionSettings
+from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import DeviceSettings
 from conceptclef.training.runtime import seed_everything
 seed_everything(0)

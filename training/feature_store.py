@@ -45,14 +45,12 @@ import numpy as np
 from conceptclef.core.runfiles import atomic_save_arrays, load_arrays
 from conceptclef.training import distributed
 from conceptclef.training.backbones import ImageClassifier
-from conceptclef.training.feature_extraction import (  # noqa: F401 - re-exported: callers import them from here
-    FEATURE_VERSION,
+from conceptclef.training.feature_extraction import (
     ExtractionSettings,
     compute_features,
     extractor_identity,
-    head_probabilities,
 )
-from conceptclef.training.image_identity import ImageSource, RootRows, RowSubset, image_source  # noqa: F401
+from conceptclef.training.image_identity import ImageSource, RootRows, image_source
 
 log = logging.getLogger("conceptclef")
 
@@ -237,11 +235,3 @@ def _validated(arrays: dict[str, np.ndarray], entry: _Entry) -> tuple[np.ndarray
         raise ValueError("rows outside the image array")
     return rows.astype(np.int64), values
 
-
-def __getattr__(name: str) -> Any:
-    """`feature_store_for` and `shared_feature_store` live in training.feature_registry (built on FeatureStore)."""
-    if name in ("feature_store_for", "shared_feature_store"):
-        from conceptclef.training import feature_registry
-
-        return getattr(feature_registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
