@@ -142,6 +142,8 @@ def image_cache_dir(data_dir: Path, config: Config, layout: RunLayout) -> Path:
     if config.data.cache_dir:
         return Path(config.data.cache_dir)
     shared = Path(data_dir) / ".cache"
+    if not Path(data_dir).is_dir():
+        return shared  # no data folder at all: loading the data names it; no fallback to announce
     try:
         shared.mkdir(exist_ok=True)
         handle, probe = create_partial(shared / "probe")
