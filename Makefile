@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= configs/cpu.toml
 DEMO   ?= demo
 
-.PHONY: install test test-fast demo benchmarks clean-demo
+.PHONY: install test test-fast typecheck demo benchmarks clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# mypy over the package (found through .typecheck/, see docs/ARCHITECTURE.md) and the benchmarks.
+typecheck: install
+	$(PY) -m mypy
+	$(PY) -m mypy --explicit-package-bases benchmarks
 
 $(DEMO)/data/train_concepts.csv: | install
 	$(PY) cli.py make-demo $(DEMO)/data

@@ -96,7 +96,7 @@ def make_synthetic_set(
     shared_seed = int(rng.integers(2**31))
 
     def model_probs(signal_per_row: np.ndarray, known: np.ndarray | None) -> np.ndarray:
-        out = np.empty((n_images, n_concepts), dtype=dtype)
+        out: np.ndarray = np.empty((n_images, n_concepts), dtype=dtype)
         shared_rng = np.random.default_rng(shared_seed)
         own, common = np.sqrt(1.0 - signals.shared_noise), np.sqrt(signals.shared_noise)
         for start in range(0, n_images, BLOCK_ROWS):

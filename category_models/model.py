@@ -36,7 +36,7 @@ def _multi_hot(labels: Any, cuis: Sequence[str], what: str) -> sp.csr_matrix:
     return matrix
 
 
-class ConceptModel(NetworkEstimator):
+class ConceptModel(NetworkEstimator[sp.csr_matrix]):
     """CUI probabilities for an image (sklearn-style: fit / predict_proba / embed / load)."""
 
     kind = "concepts"
@@ -66,7 +66,7 @@ class ConceptModel(NetworkEstimator):
         self._fit(images, targets, cuis, valid_images, valid_targets, work_dir, on_epoch_end)
         return self
 
-    def _objective(self, targets: sp.csr_matrix, num_classes: int) -> Objective:
+    def _objective(self, targets: sp.csr_matrix, num_classes: int) -> Objective[sp.csr_matrix]:
         weights = positive_class_weights(targets) if self.training.class_weights else None
         return Objective(build_loss(self.training.loss, weights), "sigmoid", "sample_f1", sample_f1_at_threshold)
 
@@ -85,4 +85,4 @@ class ConceptModel(NetworkEstimator):
 
     @classmethod
     def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "ConceptModel":
-        return super().load(work_dir, device, feature_store)  # type: ignore[return-value]
+        return super().load(work_dir, device, feature_store)

@@ -398,7 +398,7 @@ def _check_limits(built: Any, fields: Any, key_path: tuple[str, ...], origin: _O
 def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: _Origin) -> Any:
     where = origin.where(path)
     dotted = ".".join(path)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, path, origin)
     kind = typing.get_origin(hint)
     if kind is Literal:

@@ -12,7 +12,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from conceptclef.core.partial_files import create_partial
 
 
 @contextmanager
-def atomic_output(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_output(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file that replaces `path` only when the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def read_json(path: Path | str) -> Any:
 def atomic_save_arrays(path: Path | str, **arrays: np.ndarray) -> None:
     """Save named numpy arrays (no pickled objects) as one .npz file."""
     with atomic_output(path, "wb") as stream:
-        np.savez(stream, **arrays)
+        np.savez(stream, **arrays)  # type: ignore[arg-type]  # mypy: a key of **arrays could be savez's `allow_pickle` (bool)
 
 
 def load_arrays(path: Path | str) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -44,7 +45,7 @@ class CachedImages:
     def __len__(self) -> int:
         return int(self.array.shape[0])
 
-    def __getitem__(self, index):  # noqa: ANN001 - same indexing as the array
+    def __getitem__(self, index: Any) -> Any:  # same indexing as the array
         return self.array[index]
 
     @property
@@ -68,28 +69,32 @@ class ImageCache:
         Without `skip_bad` the first unreadable image raises ImageReadError; with it, unreadable
         images become zero rows, listed in `bad_indices`, and a warning names the first few.
         """
-        paths = [Path(path) for path in paths]
-        if not paths:
+        files = [Path(path) for path in paths]
+        if not files:
             empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
             empty.flags.writeable = False
             return CachedImages(empty)
         # A build killed by SIGKILL cannot remove its (image-cache-sized) temporary file: this one can.
         remove_leftover_partials(self.cache_dir)
-        sources = [_source_entry(path) for path in paths]
+        sources = [_source_entry(path) for path in files]
         key = _cache_key(sources, image_size, self.version)
-        array_path, meta_path = self._files(paths, image_size)
+        array_path, meta_path = self._files(files, image_size)
         metadata = _read_metadata(meta_path)
-        stale = metadata is None or metadata.get("key") != key or not array_path.is_file()
-        if stale or (not skip_bad and metadata.get("bad_indices")):
-            metadata = self._build(paths, sources, image_size, key, skip_bad, progress, array_path, meta_path)
+        if (
+            metadata is None
+            or metadata.get("key") != key
+            or not array_path.is_file()
+            or (not skip_bad and metadata.get("bad_indices"))
+        ):
+            metadata = self._build(files, sources, image_size, key, skip_bad, progress, array_path, meta_path)
         array = np.load(array_path, mmap_mode="r")
-        if array.shape != (len(paths), image_size, image_size, 3) or array.dtype != np.uint8:
+        if array.shape != (len(files), image_size, image_size, 3) or array.dtype != np.uint8:
             # Only possible if the files were replaced by hand; rebuild rather than return wrong pixels.
-            metadata = self._build(paths, sources, image_size, key, skip_bad, progress, array_path, meta_path)
+            metadata = self._build(files, sources, image_size, key, skip_bad, progress, array_path, meta_path)
             array = np.load(array_path, mmap_mode="r")
         bad = [int(index) for index in metadata.get("bad_indices", [])]
         if bad:
-            _warn_bad(bad, metadata.get("bad_reasons", []), len(paths))
+            _warn_bad(bad, metadata.get("bad_reasons", []), len(files))
         return CachedImages(array, bad, array_path)
 
     def _files(self, paths: list[Path], image_size: int) -> tuple[Path, Path]:

@@ -96,8 +96,8 @@ def read_category_file(path: Path | str) -> dict[str, str]:
             raise DataError(path, f"expected ID{delimiter}CATEGORY, got {text!r}", number)
         image_id = check_image_id(fields[0], path, number, DataError)
         if image_id in first_line:
-            lines = f"lines {first_line[image_id]} and {number}"
-            raise DataError(path, f"duplicate image ID {image_id!r} ({lines})", number)
+            both = f"lines {first_line[image_id]} and {number}"
+            raise DataError(path, f"duplicate image ID {image_id!r} ({both})", number)
         first_line[image_id] = number
         categories[image_id] = fields[1]
     return categories

@@ -298,7 +298,7 @@ def _vessel_tree(size: int, region: str, rng: np.random.Generator) -> list[tuple
     """Branching segments (ax, ay, bx, by, width) from a root that depends on the region."""
     roots = {"head": (0.0, 1.0, -np.pi / 2), "chest": (-0.6, -0.8, 0.9), "abdomen": (0.0, -1.0, np.pi / 2)}
     x0, y0, heading = roots.get(region, (0.0, 1.0, -np.pi / 2))
-    segments = []
+    segments: list[tuple[float, float, float, float, float]] = []
     stack = [(x0, y0, heading, 0.05, 0)]
     while stack and len(segments) < 40:
         ax, ay, direction, width, level = stack.pop()

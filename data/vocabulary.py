@@ -67,13 +67,12 @@ class ConceptVocabulary:
         indptr = [0]
         indices: list[int] = []
         for concepts in lists:
-            columns = {self._index.get(cui.strip().upper()) for cui in concepts}
-            columns.discard(None)
-            indices.extend(sorted(columns))  # type: ignore[arg-type]
+            columns = {column for cui in concepts if (column := self._index.get(cui.strip().upper())) is not None}
+            indices.extend(sorted(columns))
             indptr.append(len(indices))
         data = np.ones(len(indices), dtype=np.float32)
-        columns = np.asarray(indices, dtype=np.int32)
-        return sp.csr_matrix((data, columns, np.asarray(indptr, dtype=np.int64)), shape=(len(indptr) - 1, len(self)))
+        column_array = np.asarray(indices, dtype=np.int32)
+        return sp.csr_matrix((data, column_array, np.asarray(indptr, dtype=np.int64)), shape=(len(indptr) - 1, len(self)))
 
     def outside_counts(self, lists: Sequence[Iterable[str]]) -> np.ndarray:
         """Per image, how many distinct CUIs are not in the vocabulary (they still count as misses)."""

@@ -65,7 +65,7 @@ def _block_top_k(inputs: StackingInputs, start: int, k: int) -> dict[str, tuple[
         blocks["knn"] = np.asarray(inputs.knn_scores[rows], dtype=np.float32)
     for name, probs in inputs.extra_global_probs.items():
         blocks[EXTRA_GLOBAL_SOURCE.format(name=name)] = np.asarray(probs[rows], dtype=np.float32)
-    found = {}
+    found: dict[str, tuple[np.ndarray, ...]] = {}
     for name, block in blocks.items():
         r, c, rank = top_k_dense_rows(block, k)
         found[name] = (r + start, c, rank)

@@ -37,6 +37,14 @@ class Decider(Protocol):
     def save(self, path: str | Path) -> Path: ...
 
 
+class DeciderClass(Protocol):
+    """A decision rule's class: built from the config, or loaded from its file."""
+
+    def from_config(self, config: EnsembleConfig) -> Decider: ...
+
+    def load(self, path: str | Path) -> Decider: ...
+
+
 class ExpectedF1Decoder(BaseEstimator):
     """Per image, keep the top-k concepts maximising E[F1(k)] ≈ 2 Σ_{i≤k} p_i / (k + Σ_i p_i + m).
 
@@ -118,7 +126,7 @@ class ExpectedF1Decoder(BaseEstimator):
         return decoder
 
 
-DECISION_RULES: dict[str, type] = {"thresholds": ConceptThresholdTuner, "expected_f1": ExpectedF1Decoder}
+DECISION_RULES: dict[str, DeciderClass] = {"thresholds": ConceptThresholdTuner, "expected_f1": ExpectedF1Decoder}
 _RULE_FILES = {"thresholds": "thresholds.json", "expected_f1": EXPECTED_F1_FILE}
 
 
@@ -162,7 +170,7 @@ def choose_decision_rule(
     scores_csr = as_score_csr(probs)
     truth_csr = as_bool_csr(truth)
     if config.decision_rule != "auto":
-        name = config.decision_rule
+        name: str = config.decision_rule
         return name, make_decider(name, config).fit(scores_csr, truth_csr, truth_outside), {}
     folds = image_folds(scores_csr.shape[0], config.folds, seed)
     scores = {

@@ -144,7 +144,8 @@ class ConceptStacker(BaseEstimator):
         if table.features.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
         threads = self.num_threads or default_threads()
-        return self.booster_.predict(table.features, num_iteration=rounds, num_threads=threads).astype(np.float32)
+        probs = self.booster_.predict(table.features, num_iteration=rounds, num_threads=threads)
+        return np.asarray(probs, dtype=np.float32)  # an ndarray: the stub's list is for sparse pred_contrib
 
     # -- on StackingInputs --
 

@@ -35,7 +35,7 @@ def confusion_matrix(probabilities: np.ndarray, class_indices: np.ndarray, num_c
     return matrix
 
 
-class ModalityRouter(NetworkEstimator):
+class ModalityRouter(NetworkEstimator[np.ndarray]):
     """Predicts an image's modality category (sklearn-style: fit / predict_proba / load)."""
 
     kind = "router"
@@ -67,7 +67,7 @@ class ModalityRouter(NetworkEstimator):
         """The most probable category of every image."""
         return [self.categories_[position] for position in np.argmax(self.predict_proba(images), axis=1)]
 
-    def _objective(self, targets: np.ndarray, num_classes: int) -> Objective:
+    def _objective(self, targets: np.ndarray, num_classes: int) -> Objective[np.ndarray]:
         weights = balanced_class_weights(targets, num_classes) if self.training.class_weights else None
         return Objective(nn.CrossEntropyLoss(weight=weights), "softmax", "accuracy", accuracy)
 
@@ -90,4 +90,4 @@ class ModalityRouter(NetworkEstimator):
 
     @classmethod
     def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "ModalityRouter":
-        return super().load(work_dir, device, feature_store)  # type: ignore[return-value]
+        return super().load(work_dir, device, feature_store)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _build_wheel(out: Path) -> Path:
     # Built from a copy: an in-tree build would leave build/ and *.egg-info in the repository.
     source = out / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "demo", "runs", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", ".typecheck", "demo", "runs", "build", "*.egg-info", "__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
         check=True, cwd=out,

@@ -27,7 +27,9 @@ from conceptclef.training.weights import (
     is_weight_file,
     lite_package_weight_file,
     load_into_backbone,
+    pretrained_config,
     read_state_dict,
+    timm_attribute,
 )
 
 _TOP_ORDINAL = (MATCH_PREV_GROUP[0] - 1,)  # sorts after every block, without merging into the last one
@@ -36,20 +38,31 @@ _TOP_ORDINAL = (MATCH_PREV_GROUP[0] - 1,)  # sorts after every block, without me
 class ImageClassifier(nn.Module):
     """Normalisation + timm backbone (pooled features) + dropout/linear head."""
 
+    # Buffers: nn.Module's typing sees them as Tensor | Module.
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float) -> None:
         super().__init__()
         self.backbone = backbone
-        self.num_features = int(backbone.num_features)
+        self.num_features = int(timm_attribute(backbone, "num_features"))
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
-        mean = torch.tensor(backbone.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
-        std = torch.tensor(backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
+        pretrained = pretrained_config(backbone)
+        mean = torch.tensor(pretrained.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
+        std = torch.tensor(pretrained.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
         # Scaled to 0..255 so uint8 pixels are normalised in one subtract and divide.
         self.register_buffer("pixel_mean", (mean * 255.0).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", (std * 255.0).view(1, 3, 1, 1), persistent=False)
 
     @property
+    def _linear(self) -> nn.Linear:
+        linear = self.head[1]
+        assert isinstance(linear, nn.Linear)  # built so in __init__; nn.Sequential's typing gives Module
+        return linear
+
+    @property
     def num_classes(self) -> int:
-        return int(self.head[1].out_features)
+        return int(self._linear.out_features)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.pixel_mean) / self.pixel_std
@@ -64,7 +77,7 @@ class ImageClassifier(nn.Module):
     def set_head_bias(self, bias: torch.Tensor) -> None:
         """Start the logits at the class priors so early epochs do not fight a 0.5 guess on rare classes."""
         with torch.no_grad():
-            self.head[1].bias.copy_(bias.to(self.head[1].bias))
+            self._linear.bias.copy_(bias.to(self._linear.bias))
 
 
 def create_backbone(name: str, weights: str) -> nn.Module:
@@ -123,7 +136,7 @@ def layer_groups(backbone: nn.Module, fine: bool = False) -> list[list[str]]:
     merges into the last block (EfficientNet's `conv_head`/`bn2`) becomes a group of its own, so
     a layer-wise schedule can train it before touching any block.
     """
-    matcher = backbone.group_matcher(coarse=not fine)
+    matcher = timm_attribute(backbone, "group_matcher")(coarse=not fine)
     if fine and isinstance(matcher, dict):
         matcher = {name: _own_group(spec) for name, spec in matcher.items()}
     groups = group_parameters(backbone, matcher)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,7 +31,8 @@ from conceptclef.training.augment import BatchAugmenter
 from conceptclef.training.distributed import SINGLE, Shard, shard_bounds, shard_indices
 from conceptclef.training.runtime import process_seed
 
-Targets = sp.spmatrix | np.ndarray | None
+Targets: TypeAlias = sp.spmatrix | np.ndarray | None
+TargetsT = TypeVar("TargetsT", bound=Targets)  # one model's kind of targets (class indices, or a csr matrix)
 
 
 def targets_for(targets: Targets, indices: np.ndarray) -> torch.Tensor:
@@ -89,6 +90,9 @@ class FeatureBatches(Dataset):
         return self.features[index], targets_for(self.targets, rows), index
 
 
+BatchDataset: TypeAlias = ImageBatches | FeatureBatches  # a batch-indexed dataset with a length
+
+
 def trailing_batch_dropped(size: int, batch_size: int, world: int = 1) -> bool:
     """Training drops a trailing batch too small for batch norm: one image, or under 2 per rank.
 
@@ -117,7 +121,7 @@ class RankSlices(Sampler[list[int]]):
         self.batches = batches
         self.shard = shard
 
-    def __iter__(self):  # noqa: ANN204 - a generator of index lists
+    def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
             start, stop = shard_bounds(len(batch), self.shard.rank, self.shard.world)
             yield batch[start:stop]
@@ -144,7 +148,7 @@ def batch_sampler(
 
 
 def batch_loader(
-    dataset: Dataset,
+    dataset: BatchDataset,
     batch_size: int,
     shuffle: bool,
     num_workers: int = 0,

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,7 +31,7 @@ import torch
 from conceptclef.core.config import AugmentConfig, ConfigError, TrainingConfig
 from conceptclef.training import distributed
 from conceptclef.training.backbones import ImageClassifier, create_network
-from conceptclef.training.batches import ImageBatches, Targets, batch_loader, check_images
+from conceptclef.training.batches import ImageBatches, Targets, TargetsT, batch_loader, check_images
 from conceptclef.training.checkpoints import FORMAT_VERSION, CheckpointError, RunFiles, load_checkpoint
 from conceptclef.training.feature_extraction import ExtractionSettings, head_probabilities
 from conceptclef.training.feature_registry import shared_feature_store
@@ -71,8 +71,11 @@ def _targets_digest(targets: Targets) -> str:
     return digest.hexdigest()[:16]
 
 
-class NetworkEstimator:
-    """Common fit/load/predict machinery; see ModalityRouter and ConceptModel."""
+EstimatorT = TypeVar("EstimatorT", bound="NetworkEstimator[Any]")
+
+
+class NetworkEstimator(Generic[TargetsT]):
+    """Common fit/load/predict machinery; see ModalityRouter and ConceptModel (`TargetsT`: their targets)."""
 
     kind: ClassVar[str] = ""
     activation: ClassVar[Activation] = "sigmoid"
@@ -97,13 +100,13 @@ class NetworkEstimator:
         return self.feature_store if self.feature_store is not None else shared_feature_store()
 
     # -- what subclasses define -------------------------------------------------------------
-    def _objective(self, targets: Targets, num_classes: int) -> Objective:
+    def _objective(self, targets: TargetsT, num_classes: int) -> Objective[TargetsT]:
         raise NotImplementedError
 
-    def _initial_bias(self, targets: Targets, num_classes: int) -> torch.Tensor | None:
+    def _initial_bias(self, targets: TargetsT, num_classes: int) -> torch.Tensor | None:
         return None
 
-    def _summarize(self, outputs: np.ndarray, targets: Targets) -> dict[str, Any]:
+    def _summarize(self, outputs: np.ndarray, targets: TargetsT) -> dict[str, Any]:
         return {}
 
     def _adopt(self, classes: list[str], history: list[dict[str, Any]], best_metric: float, summary: dict[str, Any]) -> None:
@@ -114,13 +117,13 @@ class NetworkEstimator:
     def _fit(
         self,
         images: Any,
-        targets: Targets,
+        targets: TargetsT,
         classes: list[str],
         valid_images: Any,
-        valid_targets: Targets,
+        valid_targets: TargetsT,
         work_dir: Path,
         on_epoch_end: EpochCallback | None,
-    ) -> "NetworkEstimator":
+    ) -> "NetworkEstimator[TargetsT]":
         work_dir = Path(work_dir)
         check_images(images, self.image_size, f"{self.kind} training images")
         check_images(valid_images, self.image_size, f"{self.kind} validation images")
@@ -212,7 +215,7 @@ class NetworkEstimator:
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "NetworkEstimator":
+    def load(cls: type[EstimatorT], work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> EstimatorT:
         """A trained model from checkpoint.pt alone (no config file or data needed)."""
         payload = load_checkpoint(RunFiles(work_dir).best)
         estimator = cls(

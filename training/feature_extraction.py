@@ -46,7 +46,7 @@ def extractor_identity(network: ImageClassifier, settings: DeviceSettings) -> st
     digest = hashlib.blake2b(json.dumps(header, sort_keys=True).encode(), digest_size=20)
     for name, tensor in chain(backbone.named_parameters(), backbone.named_buffers()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # .data: a memoryview (numpy's stubs give ndarray __buffer__ only from 3.12)
     return digest.hexdigest()
 
 

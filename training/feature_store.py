@@ -155,6 +155,7 @@ class FeatureStore:
                 self._write_file(entry, path)
         self._count(extraction.label, len(missing), len(needed) - len(missing))
         self.memory.shrink(keep=key)
+        assert entry.features is not None  # every needed row is computed by now
         return entry.features[source.rows]
 
     def file_for(self, key: str, source: ImageSource) -> Path | None:

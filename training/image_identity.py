@@ -33,6 +33,8 @@ class RowSubset(Protocol):
     parent: Any
     indices: np.ndarray
 
+    def __len__(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class ImageSource:
@@ -67,7 +69,7 @@ def _array_source(array: np.ndarray) -> ImageSource:
     """In-memory pixels: identified by their bytes, so equal arrays share and nothing stale is reused."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"array:{array.dtype.str}:{array.shape}".encode())
-    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # .data: a memoryview (numpy's stubs give ndarray __buffer__ only from 3.12)
     identity = digest.hexdigest()
     return ImageSource(array, np.arange(len(array), dtype=np.int64), identity, identity, None)
 
@@ -85,12 +87,12 @@ def _mapping_root(array: np.memmap) -> np.memmap | None:
 def _memmap_source(array: np.memmap) -> ImageSource | None:
     """A file-backed array (or a row view of one) as rows of the whole mapped file."""
     root = _mapping_root(array)
-    if root is None or not root.flags.c_contiguous or root.ndim != array.ndim or root.ndim < 1:
+    if root is None or root.filename is None or not root.flags.c_contiguous or root.ndim != array.ndim or root.ndim < 1:
         return None
     rows = _view_rows(array, root)
     if rows is None:
         return None
-    identity = _memmap_identity(root)
+    identity = _memmap_identity(root, root.filename)
     slot = hashlib.blake2b(str(Path(root.filename).resolve()).encode(), digest_size=10).hexdigest()
     return ImageSource(root, rows, identity, slot, Path(root.filename).parent)
 
@@ -113,7 +115,7 @@ _MAPPING_IDENTITIES: dict[int, str] = {}
 _MAPPING_LOCK = threading.Lock()
 
 
-def _memmap_identity(root: np.memmap) -> str:
+def _memmap_identity(root: np.memmap, filename: str) -> str:
     """File identity captured the first time this mapping is seen (it keeps the data it mapped then).
 
     A cache file replaced later (data.cache renames a new file over it) then gets a new identity
@@ -123,15 +125,15 @@ def _memmap_identity(root: np.memmap) -> str:
         known = _MAPPING_IDENTITIES.get(id(root))
         if known is not None:
             return known
-        stat = os.stat(root.filename)
+        stat = os.stat(filename)
         digest = hashlib.blake2b(digest_size=20)
         description = [
-            "memmap", str(Path(root.filename).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+            "memmap", str(Path(filename).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
             int(root.offset), list(root.shape), root.dtype.str,
         ]
         digest.update(json.dumps(description).encode())
         for row in np.unique(np.linspace(0, len(root) - 1, _SAMPLED_ROWS).astype(np.int64)) if len(root) else []:
-            digest.update(np.ascontiguousarray(root[row]).reshape(-1).view(np.uint8))
+            digest.update(np.ascontiguousarray(root[row]).reshape(-1).view(np.uint8).data)  # .data: a memoryview (numpy's stubs give ndarray __buffer__ only from 3.12)
         identity = digest.hexdigest()
         _MAPPING_IDENTITIES[id(root)] = identity
         weakref.finalize(root, _MAPPING_IDENTITIES.pop, id(root), None)

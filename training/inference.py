@@ -8,7 +8,7 @@ distributed run: each rank computes its contiguous shard, `gather_rows` all-gath
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +40,7 @@ class DeviceSettings:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
-    def autocast(self):  # noqa: ANN201 - a context manager
+    def autocast(self) -> AbstractContextManager[object]:
         return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
 
 

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ from conceptclef.core.config import TrainingConfig
 from conceptclef.training import distributed
 from conceptclef.training.augment import build_augmenter
 from conceptclef.training.backbones import ImageClassifier, layer_groups, train_mode_except_frozen, unfreeze_top_groups
-from conceptclef.training.batches import FeatureBatches, ImageBatches, Targets, batch_loader, training_batch_sizes
+from conceptclef.training.batches import BatchDataset, FeatureBatches, ImageBatches, Targets, TargetsT, batch_loader, training_batch_sizes
 from conceptclef.training.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
@@ -88,13 +88,13 @@ HEAD_WARMUP_FOLDER = "head-warmup"  # in a model's work directory: the head trai
 
 
 @dataclass(frozen=True)
-class Objective:
+class Objective(Generic[TargetsT]):
     """What a network learns: loss on logits, output activation, and the metric that selects epochs."""
 
     loss: nn.Module
     activation: Activation
     metric_name: str
-    metric: Callable[[np.ndarray, Targets], float]  # (validation probabilities, targets) -> higher is better
+    metric: Callable[[np.ndarray, TargetsT], float]  # (validation probabilities, targets) -> higher is better
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,8 @@ class _Phase:
 
     module: nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
-    train_data: torch.utils.data.Dataset
-    valid_data: torch.utils.data.Dataset
+    train_data: BatchDataset
+    valid_data: BatchDataset
     loader_workers: int
 
 
@@ -413,8 +413,8 @@ class Trainer:
             count += len(inputs)
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         distributed.average_buffers(phase.module)
-        total, count = distributed.all_reduce_sum([total, float(count)])
-        return total / max(count, 1)
+        summed_loss, summed_count = distributed.all_reduce_sum([total, float(count)])
+        return summed_loss / max(summed_count, 1)
 
     def _step_learning_rate(self) -> None:
         """Advance the per-step schedule: warm-up then hand over to the plateau rule, or cosine to the end."""

@@ -28,6 +28,8 @@ _EPSILON = 1e-7
 class WeightedBCE(nn.Module):
     """Binary cross-entropy on logits, averaged over all entries; optional per-class positive weights."""
 
+    positive_weights: torch.Tensor | None  # a buffer (nn.Module's typing sees buffers as Tensor | Module)
+
     def __init__(self, positive_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("positive_weights", positive_weights, persistent=False)
@@ -83,6 +85,8 @@ class AsymmetricLoss(nn.Module):
     in the paper and averaged over the batch, so its scale grows with the vocabulary (Adam-type
     optimizers are insensitive to that).
     """
+
+    positive_weights: torch.Tensor | None  # a buffer (nn.Module's typing sees buffers as Tensor | Module)
 
     def __init__(
         self,

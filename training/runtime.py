@@ -89,7 +89,8 @@ def progress_enabled() -> bool:
 
 def capture_rng_state() -> dict:
     """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
-    numpy_state = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # the legacy global generator is always MT19937: its tuple form
     python_version, python_internal, python_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,8 @@ def lite_package_weight_file(backbone_name: str) -> Path:
     if locator is not None:
         path = Path(locator.get_model_file_path())
     else:  # a package version without the locator class: its single weight file
-        found = sorted(Path(module.__file__).parent.glob("models/*.pth"))
+        package_file = module.__file__
+        found = sorted(Path(package_file).parent.glob("models/*.pth")) if package_file else []
         if not found:
             raise WeightsError(f"{module_name} is installed but holds no models/*.pth weight file")
         path = found[0]
@@ -79,6 +81,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .pth/.pt (no pickled code) or .safetensors file, unwrapped from common checkpoint shapes."""
     if not path.is_file():
         raise WeightsError(f"{path}: weight file not found")
+    payload: Any  # whatever the file holds; checked below
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -97,9 +100,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(payload)
 
 
+def timm_attribute(model: nn.Module, name: str) -> Any:
+    """An attribute timm sets on the models it builds (`num_features`, `blocks`, ...).
+
+    nn.Module's typing sees every such attribute as Tensor | Module; this says it is the model's own.
+    """
+    return getattr(model, name)
+
+
+def pretrained_config(model: nn.Module) -> dict[str, Any]:
+    """timm's `pretrained_cfg` of a model it built (mean/std, classifier name, architecture)."""
+    config: dict[str, Any] = timm_attribute(model, "pretrained_cfg")
+    return config
+
+
 def lite_package_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename EfficientNet-PyTorch keys to timm's for the same EfficientNet-Lite architecture."""
-    positions = [(stage, index) for stage, blocks in enumerate(model.blocks) for index in range(len(blocks))]
+    model_blocks = timm_attribute(model, "blocks")
+    positions = [(stage, index) for stage, blocks in enumerate(model_blocks) for index in range(len(blocks))]
     renamed: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         block = re.match(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
@@ -108,7 +126,7 @@ def lite_package_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> di
             if flat >= len(positions):
                 raise KeyError(key)
             stage, index = positions[flat]
-            expanding = hasattr(model.blocks[stage][index], "conv_pwl")
+            expanding = hasattr(model_blocks[stage][index], "conv_pwl")
             names = _LITE_EXPANDING_BLOCK if expanding else _LITE_DEPTHWISE_BLOCK
             renamed[f"blocks.{stage}.{index}.{names[layer]}.{leaf}"] = value
         else:
@@ -130,7 +148,7 @@ def _backbone_keys_only(state: dict[str, torch.Tensor], classifier_name: str) ->
 
 def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Strict load of backbone keys; mismatches become a WeightsError naming `origin`."""
-    classifier_name = backbone.pretrained_cfg.get("classifier", "classifier")
+    classifier_name = pretrained_config(backbone).get("classifier", "classifier")
     if any(key.startswith("_conv_stem") for key in state):
         try:
             state = lite_package_to_timm(state, backbone)
