@@ -14,13 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
+from sklearn.utils import Tags
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
 from conceptclef.ensemble.folds import fold_splits, image_folds
-from conceptclef.ensemble.thresholds import ConceptThresholdTuner
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner, multilabel_tags
 from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
 EXPECTED_F1_FILE = "expected_f1.json"
@@ -42,7 +43,20 @@ class ExpectedF1Decoder(BaseEstimator):
 
     `m` (`expected_missing_`) is the mean number of true concepts per image that the probabilities
     do not account for (out of vocabulary, or not among the candidates), learned in `fit`; it is 0
-    when the decoder is used unfitted.
+    when the decoder is used unfitted. Decoding needs nothing else, so the scikit-learn tag
+    `requires_fit` is False: `predict` before `fit` is the m = 0 rule, not an error.
+
+    Parameters
+    ----------
+    min_labels : int, default=1
+        Fewest labels per image (an image with fewer scored candidates keeps them all).
+    max_labels : int, default=100
+        Most labels per image.
+
+    Attributes
+    ----------
+    expected_missing_ : float
+        m above, >= 0: mean over images with true concepts of (true concepts - probability mass).
     """
 
     def __init__(self, min_labels: int = 1, max_labels: int = 100) -> None:
@@ -51,7 +65,13 @@ class ExpectedF1Decoder(BaseEstimator):
 
     @classmethod
     def from_config(cls, config: EnsembleConfig) -> "ExpectedF1Decoder":
+        """A decoder with the run's `min_labels` and `max_labels`."""
         return cls(config.min_labels, config.max_labels)
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = multilabel_tags(super().__sklearn_tags__())
+        tags.requires_fit = False
+        return tags
 
     def fit(
         self,
@@ -59,10 +79,33 @@ class ExpectedF1Decoder(BaseEstimator):
         truth: sp.spmatrix | np.ndarray,
         truth_outside: np.ndarray | None = None,
     ) -> "ExpectedF1Decoder":
+        """Learn `expected_missing_` from these images.
+
+        Parameters
+        ----------
+        probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+            Stacked probabilities; absent entries and NaN count as 0.
+        truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+            True labels.
+        truth_outside : numpy.ndarray of shape (n_images,), int, optional
+            True concepts per image outside the vocabulary.
+
+        Returns
+        -------
+        self : ExpectedF1Decoder
+        """
+        if truth is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         scores = as_score_csr(probs)
-        sizes = np.diff(as_bool_csr(truth).indptr).astype(np.float64)
+        truth_csr = as_bool_csr(truth)
+        if scores.shape != truth_csr.shape:
+            raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
+        sizes = np.diff(truth_csr.indptr).astype(np.float64)
         if truth_outside is not None:
-            sizes = sizes + np.asarray(truth_outside, dtype=np.float64)
+            outside = np.asarray(truth_outside, dtype=np.float64)
+            if outside.shape != sizes.shape:
+                raise ValueError(f"truth_outside has shape {outside.shape}, expected one count per image {sizes.shape}")
+            sizes = sizes + outside
         mass = np.asarray(scores.sum(axis=1)).ravel()
         scored = sizes > 0
         missing = float(np.mean(sizes[scored] - mass[scored])) if scored.any() else 0.0
@@ -70,7 +113,21 @@ class ExpectedF1Decoder(BaseEstimator):
         return self
 
     def expected_f1(self, probs: sp.spmatrix | np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-        """(scores, k per entry, E[F1] of cutting after that entry), entries sorted per row descending."""
+        """(scores, k per entry, E[F1] of cutting after that entry), entries sorted per row descending.
+
+        Parameters
+        ----------
+        probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+
+        Returns
+        -------
+        ordered : scipy.sparse.csr_matrix of shape (n_images, n_concepts), float64
+            The probabilities, each row's entries stored by descending probability.
+        k : numpy.ndarray of shape (ordered.nnz,), int64
+            1-based position of each stored entry in its row.
+        gain : numpy.ndarray of shape (ordered.nnz,), float64
+            E[F1] of keeping the row's top k entries.
+        """
         scores = as_score_csr(probs)
         rows = row_of_entries(scores)
         order = np.lexsort((-scores.data.astype(np.float64), rows))
@@ -88,6 +145,17 @@ class ExpectedF1Decoder(BaseEstimator):
         return ordered, k, gain
 
     def predict(self, probs: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+        """Each image's top-k concepts, k maximising E[F1] within [min_labels, max_labels].
+
+        Parameters
+        ----------
+        probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+            Sorted indices; on equal E[F1] the smaller k wins.
+        """
         ordered, k, gain = self.expected_f1(probs)
         rows = row_of_entries(ordered)
         allowed = (k >= self.min_labels) & (k <= self.max_labels)
@@ -107,11 +175,13 @@ class ExpectedF1Decoder(BaseEstimator):
         return result
 
     def save(self, path: str | Path) -> Path:
+        """JSON (a .json path, or DIR/expected_f1.json); an unfitted decoder saves m = 0. Returns the file written."""
         learned = {"expected_missing": getattr(self, "expected_missing_", 0.0)}
         return save_rule(path, EXPECTED_F1_FILE, "expected_f1", self.get_params(), learned)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpectedF1Decoder":
+        """The decoder saved by `save` at `path` (a .json file, or a folder holding expected_f1.json)."""
         payload = read_rule(path, EXPECTED_F1_FILE)
         decoder = cls(**payload["params"])
         decoder.expected_missing_ = float(payload["expected_missing"])

@@ -13,21 +13,67 @@ import scipy.sparse as sp
 DENSE_CHUNK_ROWS = 4096  # rows of a dense (n, V) matrix handled at once: bounds temporary memory
 
 
+def _require_matrix(values: sp.spmatrix | np.ndarray, what: str) -> None:
+    """Refuse a 1-D array (scipy would read it as a single image) and complex values (the cast to
+    float would drop the imaginary part): either would give a silently wrong result."""
+    if not sp.issparse(values) and np.ndim(values) != 2:
+        raise ValueError(f"{what} must be a 2-D (n_images, n_concepts) matrix, got shape {np.shape(values)}")
+    if np.iscomplexobj(values):
+        raise ValueError(f"Complex data not supported: {what} must be real")
+
+
 def as_score_csr(scores: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-    """CSR float32 with sorted indices and no stored zeros or NaNs (a zero score is never chosen)."""
+    """CSR float32 with sorted indices and no stored zeros or NaNs (a zero score is never chosen).
+
+    Parameters
+    ----------
+    scores : numpy.ndarray or scipy.sparse matrix/array of shape (n_images, n_concepts)
+        Probabilities or scores, any real dtype. NaN means "no score" (a model that does not
+        know the concept) and is dropped like a zero; an infinite score is refused.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+        A copy: the caller's matrix is never modified.
+
+    Raises
+    ------
+    ValueError
+        If `scores` is not 2-D, is complex or holds an infinite value.
+    """
+    _require_matrix(scores, "scores")
     if sp.issparse(scores):
         matrix = sp.csr_matrix(scores, dtype=np.float32, copy=True)
         matrix.data[np.isnan(matrix.data)] = 0.0
     else:
-        dense = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
+        dense = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0, posinf=np.inf, neginf=-np.inf)
         matrix = sp.csr_matrix(dense)
+    if np.isinf(matrix.data).any():
+        raise ValueError("scores hold an infinite value; probabilities must be finite (NaN marks a missing score)")
     matrix.eliminate_zeros()
     matrix.sort_indices()
     return matrix
 
 
 def as_bool_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-    """A 0/1 label matrix as CSR bool with sorted indices."""
+    """A 0/1 label matrix as CSR bool with sorted indices.
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray or scipy.sparse matrix/array of shape (n_images, n_concepts)
+        Labels; any nonzero value is a positive.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+        A copy without stored False entries.
+
+    Raises
+    ------
+    ValueError
+        If `matrix` is not 2-D or is complex.
+    """
+    _require_matrix(matrix, "labels")
     result = sp.csr_matrix(matrix, dtype=bool, copy=True)
     result.eliminate_zeros()
     result.sort_indices()
