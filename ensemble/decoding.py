@@ -9,12 +9,11 @@ cross-validation over images and the run records the choice in decision.json.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
-from sklearn.utils import Tags
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
@@ -23,6 +22,9 @@ from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_en
 from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner, multilabel_tags
 from conceptclef.scoring.f1 import mean_sample_f1_sparse
+
+if TYPE_CHECKING:  # scikit-learn >= 1.6; older releases never call __sklearn_tags__
+    from sklearn.utils import Tags
 
 EXPECTED_F1_FILE = "expected_f1.json"
 DECISION_FILE = "decision.json"
@@ -100,6 +102,8 @@ class ExpectedF1Decoder(BaseEstimator):
         truth_csr = as_bool_csr(truth)
         if scores.shape != truth_csr.shape:
             raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
+        if scores.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__} cannot be fitted on 0 images (probs of shape {scores.shape})")
         sizes = np.diff(truth_csr.indptr).astype(np.float64)
         if truth_outside is not None:
             outside = np.asarray(truth_outside, dtype=np.float64)
@@ -193,7 +197,24 @@ _RULE_FILES = {"thresholds": "thresholds.json", "expected_f1": EXPECTED_F1_FILE}
 
 
 def make_decider(name: str, config: EnsembleConfig) -> Decider:
-    """A fresh decision rule by name, with its settings from the config."""
+    """A fresh decision rule by name, with its settings from the config.
+
+    Parameters
+    ----------
+    name : str
+        A key of `DECISION_RULES`: "thresholds" or "expected_f1".
+    config : EnsembleConfig
+
+    Returns
+    -------
+    ConceptThresholdTuner or ExpectedF1Decoder
+        Unfitted.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the known ones).
+    """
     if name not in DECISION_RULES:
         raise ValueError(f"unknown decision rule {name!r}; known: {', '.join(DECISION_RULES)}")
     return DECISION_RULES[name].from_config(config)
@@ -207,7 +228,26 @@ def cross_validated_score(
     config: EnsembleConfig,
     folds: np.ndarray,
 ) -> float:
-    """Mean over folds of the official F1 on the held-out images of a rule fitted on the others."""
+    """Mean over folds of the official F1 on the held-out images of a rule fitted on the others.
+
+    Parameters
+    ----------
+    name : str
+        The decision rule (`make_decider`).
+    probs : scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+        Out-of-fold stacked probabilities.
+    truth : scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+    truth_outside : numpy.ndarray of shape (n_images,), int, or None
+        True concepts per image outside the vocabulary.
+    config : EnsembleConfig
+    folds : numpy.ndarray of shape (n_images,), int
+        Fold number per image (`folds.image_folds`).
+
+    Returns
+    -------
+    float
+        Mean over folds of `mean_sample_f1_sparse` on the held-out images.
+    """
     scores = []
     for train, held in fold_splits(folds):
         outside_train = None if truth_outside is None else np.asarray(truth_outside)[train]
@@ -227,7 +267,26 @@ def choose_decision_rule(
     """(rule name, rule fitted on all images, cross-validated score per rule compared).
 
     With `config.decision_rule` set to a rule, that rule is fitted without comparison and the
-    scores dict is empty.
+    scores dict is empty. On a tie the thresholds win.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+        Out-of-fold stacked probabilities.
+    truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+    truth_outside : numpy.ndarray of shape (n_images,), int, or None
+    config : EnsembleConfig
+        `decision_rule` ("auto" compares), `folds` and the rules' settings.
+    seed : int, default=0
+        Seeds the folds.
+
+    Returns
+    -------
+    name : str
+    decider : ConceptThresholdTuner or ExpectedF1Decoder
+        Fitted on all images.
+    scores : dict of str to float
+        Cross-validated F1 per rule compared; empty when the rule was forced.
     """
     scores_csr = as_score_csr(probs)
     truth_csr = as_bool_csr(truth)
@@ -244,7 +303,24 @@ def choose_decision_rule(
 
 
 def save_decision(directory: str | Path, name: str, decider: Decider, scores: dict[str, float]) -> Path:
-    """Write the fitted rule's own file and decision.json naming it, so `load_decision` needs only the folder."""
+    """Write the fitted rule's own file and decision.json naming it, so `load_decision` needs only the folder.
+
+    Parameters
+    ----------
+    directory : str or pathlib.Path
+        The run's ensemble folder.
+    name : str
+        The rule's name in `DECISION_RULES`.
+    decider : ConceptThresholdTuner or ExpectedF1Decoder
+        The fitted rule.
+    scores : dict of str to float
+        Cross-validated scores recorded beside the choice.
+
+    Returns
+    -------
+    pathlib.Path
+        DIR/decision.json.
+    """
     directory = Path(directory)
     rule_path = decider.save(directory / _RULE_FILES[name])
     atomic_write_json(
@@ -254,7 +330,24 @@ def save_decision(directory: str | Path, name: str, decider: Decider, scores: di
 
 
 def load_decision(directory: str | Path) -> tuple[str, Decider]:
-    """The rule recorded in DIR/decision.json, loaded from its file."""
+    """The rule recorded in DIR/decision.json, loaded from its file.
+
+    Parameters
+    ----------
+    directory : str or pathlib.Path
+        A folder written by `save_decision`.
+
+    Returns
+    -------
+    name : str
+    decider : ConceptThresholdTuner or ExpectedF1Decoder
+        Fitted, as saved.
+
+    Raises
+    ------
+    ValueError
+        If decision.json names an unknown rule.
+    """
     directory = Path(directory)
     record = read_json(directory / DECISION_FILE)
     name = record["rule"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lightgbm as lgb
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
-from sklearn.utils import Tags
 from sklearn.utils.validation import check_is_fitted
 
 from conceptclef.core.config import EnsembleConfig
@@ -27,11 +26,19 @@ from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.sparse_ops import as_bool_csr, gather
 
+if TYPE_CHECKING:  # scikit-learn >= 1.6; older releases never call __sklearn_tags__
+    from sklearn.utils import Tags
+
 MODEL_FILE = "stacker.txt"
 
 
 def default_threads() -> int:
-    """All cores up to 8: LightGBM gains little beyond that on ~30 features."""
+    """All cores up to 8: LightGBM gains little beyond that on ~30 features.
+
+    Returns
+    -------
+    int
+    """
     return max(1, min(os.cpu_count() or 1, 8))
 
 
@@ -349,11 +356,20 @@ def table_to_csr(table: PairTable, probabilities: np.ndarray) -> sp.csr_matrix:
 
 
 class CrossFit(NamedTuple):
-    """Out-of-fold stacked probabilities for every image, and the stacker fitted on all images."""
+    """Out-of-fold stacked probabilities for every image, and the stacker fitted on all images.
+
+    Parameters
+    ----------
+    oof_probs : scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+    stacker : ConceptStacker
+        Fitted on every image with `rounds` rounds.
+    rounds : int
+        Boosting rounds of every model (chosen on the held-out folds with `choose_rounds`).
+    """
 
     oof_probs: sp.csr_matrix
     stacker: ConceptStacker
-    rounds: int  # boosting rounds of every model (chosen on the held-out folds with choose_rounds)
+    rounds: int
 
 
 def cross_fit_out_of_fold(

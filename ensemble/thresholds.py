@@ -11,16 +11,19 @@ one tuned global threshold with `prior_strength` pseudo-positives.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
-from sklearn.utils import Tags
 from sklearn.utils.validation import check_is_fitted
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
+
+if TYPE_CHECKING:  # scikit-learn >= 1.6; older releases never call __sklearn_tags__
+    from sklearn.utils import Tags
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -39,7 +42,17 @@ def _truth_sizes(truth: sp.csr_matrix, truth_outside: np.ndarray | None) -> np.n
 
 def multilabel_tags(tags: Tags) -> Tags:
     """scikit-learn tags shared by both decision rules: X is an (n_images, n_concepts) probability
-    matrix, dense or sparse, NaN meaning "no score"; y is a label matrix of the same shape."""
+    matrix, dense or sparse, NaN meaning "no score"; y is a label matrix of the same shape.
+
+    Parameters
+    ----------
+    tags : sklearn.utils.Tags
+        `BaseEstimator.__sklearn_tags__()`, changed in place.
+
+    Returns
+    -------
+    sklearn.utils.Tags
+    """
     tags.input_tags.sparse = True
     tags.input_tags.allow_nan = True
     tags.target_tags.required = True
@@ -223,6 +236,8 @@ class ConceptThresholdTuner(BaseEstimator):
         truth_csr = as_bool_csr(truth)
         if scores.shape != truth_csr.shape:
             raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
+        if scores.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__} cannot be fitted on 0 images (probs of shape {scores.shape})")
         n, v = scores.shape
         sizes = _truth_sizes(truth_csr, truth_outside)
         n_scored = max(int((sizes > 0).sum()), 1)

@@ -33,17 +33,21 @@ import pickle
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from sklearn.base import clone
-from sklearn.exceptions import NotFittedError
-from sklearn.utils import get_tags
-from sklearn.utils import estimator_checks as checks
-from sklearn.utils.estimator_checks import parametrize_with_checks
-from sklearn.utils.validation import check_is_fitted
 
-from conceptclef.ensemble.decoding import ExpectedF1Decoder
-from conceptclef.ensemble.stacker import ConceptStacker
-from conceptclef.ensemble.thresholds import ConceptThresholdTuner
-from synthetic_stacking import make_synthetic_set
+# Tags (1.6) and parametrize_with_checks(xfail_strict=...) (1.8); the package itself runs on older releases.
+pytest.importorskip("sklearn", minversion="1.8")
+
+from sklearn.base import clone  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
+from sklearn.utils import get_tags  # noqa: E402
+from sklearn.utils import estimator_checks as checks  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+from sklearn.utils.validation import check_is_fitted  # noqa: E402
+
+from conceptclef.ensemble.decoding import ExpectedF1Decoder  # noqa: E402
+from conceptclef.ensemble.stacker import ConceptStacker  # noqa: E402
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner  # noqa: E402
+from synthetic_stacking import make_synthetic_set  # noqa: E402
 
 RULES = [
     ConceptThresholdTuner(prior_strength=2.0, min_labels=1, max_labels=6),
@@ -252,7 +256,10 @@ def test_one_image_and_empty_inputs(rule):
     one = clone(rule).fit(probs[:1], truth[:1], outside[:1])
     assert one.predict(probs[:1]).shape == (1, probs.shape[1])
     fitted = clone(rule).fit(probs, truth, outside)
-    assert fitted.predict(np.zeros((0, probs.shape[1]), dtype=np.float32)).shape == (0, probs.shape[1])
+    empty = np.zeros((0, probs.shape[1]), dtype=np.float32)
+    assert fitted.predict(empty).shape == (0, probs.shape[1])  # predicting for no image is fine
+    with pytest.raises(ValueError, match="0 images"):  # fitting on none used to give default thresholds
+        clone(rule).fit(empty, empty > 0)
 
 
 @rules
