@@ -29,13 +29,33 @@ EXTRA_GLOBAL_SOURCE = "global:{name}"  # an extra global model's source name
 
 
 def sources_of(inputs: StackingInputs) -> tuple[str, ...]:
-    """Every candidate source of these inputs: SOURCES, then one per extra global model."""
+    """Every candidate source of these inputs: SOURCES, then one per extra global model.
+
+    Parameters
+    ----------
+    inputs : StackingInputs
+
+    Returns
+    -------
+    tuple of str
+        Source names; each is a key of `CandidateSet.ranks`.
+    """
     return SOURCES + tuple(EXTRA_GLOBAL_SOURCE.format(name=name) for name in inputs.extra_global_probs)
 
 
 @dataclass(frozen=True)
 class CandidateSet:
-    """Candidate pairs sorted by (image, concept), with each source's rank of them."""
+    """Candidate pairs sorted by (image, concept), with each source's rank of them.
+
+    Parameters
+    ----------
+    rows : numpy.ndarray of shape (P,), int64
+    cols : numpy.ndarray of shape (P,), int64
+    ranks : dict of str to numpy.ndarray of shape (P,), int32
+    n_sources : numpy.ndarray of shape (P,), int32
+    shape : tuple of int
+        (n_images, n_concepts).
+    """
 
     rows: np.ndarray  # (P,) image index
     cols: np.ndarray  # (P,) global concept index
@@ -93,7 +113,20 @@ def _concatenate(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
 
 
 def build_candidates(inputs: StackingInputs, k: int) -> CandidateSet:
-    """Union of the top-k of the global model, the routed category model, kNN and any extra global models."""
+    """Union of the top-k of the global model, the routed category model, kNN and any extra global models.
+
+    Parameters
+    ----------
+    inputs : StackingInputs
+        n_images images over n_concepts concepts.
+    k : int
+        Top-k per image taken from each source; only positive scores are taken.
+
+    Returns
+    -------
+    CandidateSet
+        P pairs (at most n_images * k * number of sources), sorted by (image, concept).
+    """
     n, v = inputs.n_images, inputs.n_concepts
     per_source = {name: _concatenate(parts) for name, parts in _dense_source_top_k(inputs, k).items()}
     if sp.issparse(inputs.knn_scores):

@@ -23,19 +23,41 @@ from conceptclef.ensemble.sparse_ops import DENSE_CHUNK_ROWS, gather
 
 @dataclass(frozen=True)
 class PairTable:
-    """Candidate pairs with their feature matrix (float32, NaN = missing) and column names."""
+    """Candidate pairs with their feature matrix (float32, NaN = missing) and column names.
+
+    Parameters
+    ----------
+    candidates : CandidateSet
+        P pairs sorted by (image, concept).
+    features : numpy.ndarray of shape (P, n_features), float32
+    feature_names : list of str, length n_features
+    """
 
     candidates: CandidateSet
     features: np.ndarray  # (P, F)
     feature_names: list[str]
 
     def take(self, mask: np.ndarray) -> "PairTable":
+        """The pairs selected by a boolean mask of shape (P,) or an index array (image rows keep their numbering)."""
         return PairTable(self.candidates.take(mask), self.features[mask], self.feature_names)
 
 
 def feature_names_for(categories: list[str], extra_global_models: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Column names, fixed by the router's categories and the extra global models' names, so a
-    saved stacker can check its inputs."""
+    saved stacker can check its inputs.
+
+    Parameters
+    ----------
+    categories : list of str
+        The router's categories, in order.
+    extra_global_models : sequence of str, default=()
+        Names of the extra global models, in order.
+
+    Returns
+    -------
+    list of str
+        One name per column of `build_features`' matrix.
+    """
     names = [
         "global_prob",
         "global_prob_image_sum",
@@ -66,7 +88,16 @@ def _row_sums(matrix: np.ndarray) -> np.ndarray:
 
 
 def router_summary(router_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(max prob, entropy in nats) per image: how much the routed model's view should count."""
+    """(max prob, entropy in nats) per image: how much the routed model's view should count.
+
+    Parameters
+    ----------
+    router_probs : numpy.ndarray of shape (n_images, n_categories), float
+
+    Returns
+    -------
+    max_prob, entropy : numpy.ndarray of shape (n_images,), float32
+    """
     probs = np.asarray(router_probs, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(probs > 0, probs * np.log(probs), 0.0).sum(axis=1)
@@ -74,7 +105,20 @@ def router_summary(router_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTable:
-    """The feature matrix of `candidates` (which must come from these inputs)."""
+    """The feature matrix of `candidates` (which must come from these inputs).
+
+    Parameters
+    ----------
+    inputs : StackingInputs
+        n_images images over n_concepts concepts.
+    candidates : CandidateSet
+        P pairs from `build_candidates(inputs, k)`.
+
+    Returns
+    -------
+    PairTable
+        Features of shape (P, len(feature_names_for(...))), float32, NaN where a source has no value.
+    """
     rows, cols = candidates.rows, candidates.cols
     names = feature_names_for(inputs.categories, list(inputs.extra_global_probs))
     features = np.empty((rows.size, len(names)), dtype=np.float32)
@@ -124,5 +168,16 @@ def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTabl
 
 
 def build_pair_table(inputs: StackingInputs, candidates_per_model: int) -> PairTable:
-    """Candidates and their features in one call: what both fitting and prediction need."""
+    """Candidates and their features in one call: what both fitting and prediction need.
+
+    Parameters
+    ----------
+    inputs : StackingInputs
+    candidates_per_model : int
+        Top-k per image taken from each source.
+
+    Returns
+    -------
+    PairTable
+    """
     return build_features(inputs, build_candidates(inputs, candidates_per_model))

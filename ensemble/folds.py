@@ -18,7 +18,26 @@ from sklearn.model_selection import KFold, PredefinedSplit
 
 
 def image_folds(n_images: int, n_folds: int, seed: int) -> np.ndarray:
-    """A fold number per image from a shuffled `KFold` seeded with `seed`: folds differ in size by at most 1."""
+    """A fold number per image from a shuffled `KFold` seeded with `seed`: folds differ in size by at most 1.
+
+    Parameters
+    ----------
+    n_images : int
+    n_folds : int
+        At least 2 and at most `n_images`.
+    seed : int
+        Any integer (taken modulo 2**32 for KFold).
+
+    Returns
+    -------
+    numpy.ndarray of shape (n_images,), int64
+        Values in [0, n_folds).
+
+    Raises
+    ------
+    ValueError
+        For fewer than 2 folds or more folds than images.
+    """
     if n_folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {n_folds}")
     if n_images < n_folds:
@@ -34,5 +53,15 @@ def fold_splits(fold_of_row: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarra
     """(rows to fit on, held-out rows) per fold, in fold order, each sorted; rows of one fold number stay together.
 
     For pairs, pass `image_folds(...)[pair_image_rows]`.
+
+    Parameters
+    ----------
+    fold_of_row : numpy.ndarray of shape (n_rows,), int
+        Fold number per row.
+
+    Returns
+    -------
+    iterator of (numpy.ndarray, numpy.ndarray)
+        Row indices (int) to fit on and to hold out, one pair per fold.
     """
     return PredefinedSplit(np.asarray(fold_of_row)).split()

@@ -23,6 +23,30 @@ class StackingInputs:
     `category_probs[name]` holds that category model's probabilities on ALL images of the set
     (NaN outside its vocabulary); a category that fell back to the global model is absent and
     the global probabilities stand in for it.
+
+    Parameters
+    ----------
+    image_ids : list of str, length n_images
+    global_probs : numpy.ndarray of shape (n_images, n_concepts), float16 or float32
+        The global model's probabilities.
+    category_probs : dict of str to numpy.ndarray of shape (n_images, n_concepts), float
+        Per category model, on every image; NaN where it does not know the concept.
+    router_probs : numpy.ndarray of shape (n_images, n_categories), float
+        Router probabilities, columns in `categories` order.
+    categories : list of str, length n_categories
+    concept_frequency : numpy.ndarray of shape (n_concepts,), float
+        Training frequency of each concept.
+    category_concept_frequency : numpy.ndarray of shape (n_categories, n_concepts), float
+        Training frequency of each concept within each category.
+    knn_scores : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), optional
+        Nearest-neighbour vote (`knn.NearestNeighbourScorer`).
+    extra_global_probs : dict of str to numpy.ndarray of shape (n_images, n_concepts), optional
+        Other global models (backbones or resolutions) by name.
+
+    Raises
+    ------
+    ValueError
+        On construction, if any shape disagrees with the others (`validate`).
     """
 
     image_ids: list[str]
@@ -74,7 +98,17 @@ class StackingInputs:
             raise ValueError(f"knn_scores has shape {self.knn_scores.shape}, expected {(n, v)}")
 
     def subset(self, rows: Sequence[int] | np.ndarray | slice) -> "StackingInputs":
-        """The same inputs for a subset of images (folds); concept-level arrays are shared."""
+        """The same inputs for a subset of images (folds); concept-level arrays are shared.
+
+        Parameters
+        ----------
+        rows : slice, or sequence / numpy.ndarray of int
+            Image rows to keep, in the order given.
+
+        Returns
+        -------
+        StackingInputs
+        """
         if isinstance(rows, slice):
             index: np.ndarray | slice = rows
             ids = self.image_ids[rows]
@@ -104,6 +138,20 @@ def project_to_columns(
 
     Concepts the model knows but the global vocabulary lacks are dropped: nothing downstream can
     predict them.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray of shape (n_images, len(model_cuis)), float
+    model_cuis : sequence of str
+        The model's concept per column.
+    global_cuis : sequence of str, length n_concepts
+        The global vocabulary.
+    dtype : numpy dtype, default=numpy.float32
+
+    Returns
+    -------
+    numpy.ndarray of shape (n_images, n_concepts), `dtype`
+        NaN in the columns the model does not know.
     """
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[1] != len(model_cuis):

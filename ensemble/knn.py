@@ -23,6 +23,18 @@ class NearestNeighbourScorer:
 
     score(x, y) = sum_{j in kNN(x)} s_j [y in labels_j] / sum_{j in kNN(x)} s_j with s_j = max(cos, 0),
     so a score is the weighted fraction of neighbours carrying the concept, in [0, 1].
+
+    Parameters
+    ----------
+    n_neighbours : int, default=10
+    chunk_size : int, default=1024
+        Query images per block of similarities (bounds memory, not the result).
+
+    Attributes
+    ----------
+    train_vectors_ : numpy.ndarray of shape (n_train, dim), float32
+        Unit-length training embeddings.
+    train_labels_ : scipy.sparse.csr_matrix of shape (n_train, n_concepts), float32
     """
 
     def __init__(self, n_neighbours: int = 10, chunk_size: int = 1024) -> None:
@@ -30,6 +42,17 @@ class NearestNeighbourScorer:
         self.chunk_size = chunk_size
 
     def fit(self, train_embeddings: np.ndarray, train_labels: sp.spmatrix | np.ndarray) -> "NearestNeighbourScorer":
+        """Store the training images.
+
+        Parameters
+        ----------
+        train_embeddings : numpy.ndarray of shape (n_train, dim), float
+        train_labels : numpy.ndarray or scipy.sparse matrix of shape (n_train, n_concepts), 0/1
+
+        Returns
+        -------
+        self : NearestNeighbourScorer
+        """
         labels = sp.csr_matrix(train_labels, dtype=np.float32)
         if labels.shape[0] != len(train_embeddings):
             raise ValueError(f"{len(train_embeddings)} embeddings but {labels.shape[0]} label rows")
@@ -38,7 +61,19 @@ class NearestNeighbourScorer:
         return self
 
     def neighbours(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(indices, similarities), each (n, k), most similar first."""
+        """(indices, similarities), each (n, k), most similar first.
+
+        Parameters
+        ----------
+        embeddings : numpy.ndarray of shape (n_images, dim), float
+
+        Returns
+        -------
+        indices : numpy.ndarray of shape (n_images, k), int64
+            Training rows; k = min(n_neighbours, n_train).
+        similarities : numpy.ndarray of shape (n_images, k), float32
+            Cosine similarities.
+        """
         queries = _unit_rows(embeddings)
         k = min(self.n_neighbours, self.train_vectors_.shape[0])
         all_indices = np.empty((queries.shape[0], k), dtype=np.int64)
@@ -56,7 +91,16 @@ class NearestNeighbourScorer:
         return all_indices, all_similarities
 
     def predict(self, embeddings: np.ndarray) -> sp.csr_matrix:
-        """(n, V) CSR float32 of neighbour-vote scores; concepts no neighbour carries are absent."""
+        """(n, V) CSR float32 of neighbour-vote scores; concepts no neighbour carries are absent.
+
+        Parameters
+        ----------
+        embeddings : numpy.ndarray of shape (n_images, dim), float
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+        """
         indices, similarities = self.neighbours(embeddings)
         weights = np.maximum(similarities, 0.0)
         totals = weights.sum(axis=1, keepdims=True)

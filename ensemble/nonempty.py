@@ -12,7 +12,22 @@ import scipy.sparse as sp
 
 
 def at_least_one_concept(decisions: sp.spmatrix, probs: sp.spmatrix, fallback_scores: np.ndarray) -> sp.csr_matrix:
-    """Bool CSR equal to `decisions`, plus each empty row's top column of `probs` (else of `fallback_scores`)."""
+    """Bool CSR equal to `decisions`, plus each empty row's top column of `probs` (else of `fallback_scores`).
+
+    Parameters
+    ----------
+    decisions : scipy.sparse matrix of shape (n_images, n_concepts), bool
+        The decision rule's labels.
+    probs : scipy.sparse matrix of shape (n_images, n_concepts), float
+        Stacked probabilities; an empty row takes its highest positive one.
+    fallback_scores : numpy.ndarray of shape (n_concepts,), float
+        Used when an empty row has no positive probability (training frequency).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+        Every row has at least one label; rows that had some are unchanged.
+    """
     decisions = sp.csr_matrix(decisions, dtype=bool)
     decisions.eliminate_zeros()
     empty = np.flatnonzero(np.diff(decisions.indptr) == 0)

@@ -13,21 +13,67 @@ import scipy.sparse as sp
 DENSE_CHUNK_ROWS = 4096  # rows of a dense (n, V) matrix handled at once: bounds temporary memory
 
 
+def _require_matrix(values: sp.spmatrix | np.ndarray, what: str) -> None:
+    """Refuse a 1-D array (scipy would read it as a single image) and complex values (the cast to
+    float would drop the imaginary part): either would give a silently wrong result."""
+    if not sp.issparse(values) and np.ndim(values) != 2:
+        raise ValueError(f"{what} must be a 2-D (n_images, n_concepts) matrix, got shape {np.shape(values)}")
+    if np.iscomplexobj(values):
+        raise ValueError(f"Complex data not supported: {what} must be real")
+
+
 def as_score_csr(scores: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-    """CSR float32 with sorted indices and no stored zeros or NaNs (a zero score is never chosen)."""
+    """CSR float32 with sorted indices and no stored zeros or NaNs (a zero score is never chosen).
+
+    Parameters
+    ----------
+    scores : numpy.ndarray or scipy.sparse matrix/array of shape (n_images, n_concepts)
+        Probabilities or scores, any real dtype. NaN means "no score" (a model that does not
+        know the concept) and is dropped like a zero; an infinite score is refused.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+        A copy: the caller's matrix is never modified.
+
+    Raises
+    ------
+    ValueError
+        If `scores` is not 2-D, is complex or holds an infinite value.
+    """
+    _require_matrix(scores, "scores")
     if sp.issparse(scores):
         matrix = sp.csr_matrix(scores, dtype=np.float32, copy=True)
         matrix.data[np.isnan(matrix.data)] = 0.0
     else:
-        dense = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
+        dense = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0, posinf=np.inf, neginf=-np.inf)
         matrix = sp.csr_matrix(dense)
+    if np.isinf(matrix.data).any():
+        raise ValueError("scores hold an infinite value; probabilities must be finite (NaN marks a missing score)")
     matrix.eliminate_zeros()
     matrix.sort_indices()
     return matrix
 
 
 def as_bool_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-    """A 0/1 label matrix as CSR bool with sorted indices."""
+    """A 0/1 label matrix as CSR bool with sorted indices.
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray or scipy.sparse matrix/array of shape (n_images, n_concepts)
+        Labels; any nonzero value is a positive.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+        A copy without stored False entries.
+
+    Raises
+    ------
+    ValueError
+        If `matrix` is not 2-D or is complex.
+    """
+    _require_matrix(matrix, "labels")
     result = sp.csr_matrix(matrix, dtype=bool, copy=True)
     result.eliminate_zeros()
     result.sort_indices()
@@ -35,17 +81,48 @@ def as_bool_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
 
 
 def row_of_entries(matrix: sp.csr_matrix) -> np.ndarray:
-    """The row index of every stored entry of a CSR matrix, aligned with `.data`."""
+    """The row index of every stored entry of a CSR matrix, aligned with `.data`.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix of shape (n_rows, n_cols)
+
+    Returns
+    -------
+    numpy.ndarray of shape (matrix.nnz,), int64
+    """
     return np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
 
 
 def pair_keys(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
-    """One int64 key per (row, col) so pairs can be sorted, merged and searched as a flat array."""
+    """One int64 key per (row, col) so pairs can be sorted, merged and searched as a flat array.
+
+    Parameters
+    ----------
+    rows, cols : numpy.ndarray of shape (P,), int
+    n_cols : int
+        Columns of the matrix the pairs index.
+
+    Returns
+    -------
+    numpy.ndarray of shape (P,), int64
+        rows * n_cols + cols.
+    """
     return rows.astype(np.int64) * int(n_cols) + cols.astype(np.int64)
 
 
 def gather(matrix: sp.spmatrix | np.ndarray | None, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Values of `matrix` at the (row, col) pairs as float32; a missing sparse entry reads 0, None reads NaN."""
+    """Values of `matrix` at the (row, col) pairs as float32; a missing sparse entry reads 0, None reads NaN.
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), or None
+    rows, cols : numpy.ndarray of shape (P,), int
+
+    Returns
+    -------
+    numpy.ndarray of shape (P,), float32
+    """
     if matrix is None:
         return np.full(rows.shape, np.nan, dtype=np.float32)
     if not sp.issparse(matrix):
@@ -64,7 +141,18 @@ def gather(matrix: sp.spmatrix | np.ndarray | None, rows: np.ndarray, cols: np.n
 
 
 def descending_rank_within_rows(row_index: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
-    """0-based rank of each entry among its row's entries by descending value (ties by position)."""
+    """0-based rank of each entry among its row's entries by descending value (ties by position).
+
+    Parameters
+    ----------
+    row_index : numpy.ndarray of shape (n_entries,), int
+    values : numpy.ndarray of shape (n_entries,), float
+    n_rows : int
+
+    Returns
+    -------
+    numpy.ndarray of shape (n_entries,), int64
+    """
     order = np.lexsort((-values.astype(np.float64), row_index))
     counts = np.bincount(row_index, minlength=n_rows)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -74,7 +162,18 @@ def descending_rank_within_rows(row_index: np.ndarray, values: np.ndarray, n_row
 
 
 def top_k_dense_rows(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols, ranks) of each row's k largest positive values; NaN and <= 0 are never taken."""
+    """(rows, cols, ranks) of each row's k largest positive values; NaN and <= 0 are never taken.
+
+    Parameters
+    ----------
+    block : numpy.ndarray of shape (n_rows, n_cols), float
+    k : int
+
+    Returns
+    -------
+    rows, cols, ranks : numpy.ndarray of shape (n_taken,), int64
+        Row, column and 0-based descending rank of each value taken.
+    """
     n_rows, n_cols = block.shape
     k = min(k, n_cols)
     if k <= 0 or n_rows == 0:
@@ -97,7 +196,17 @@ def top_k_dense_rows(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def top_k_sparse_rows(matrix: sp.spmatrix, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols, ranks) of each row's k largest positive stored values of a sparse matrix."""
+    """(rows, cols, ranks) of each row's k largest positive stored values of a sparse matrix.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix of shape (n_rows, n_cols), float
+    k : int
+
+    Returns
+    -------
+    rows, cols, ranks : numpy.ndarray of shape (n_taken,), int64
+    """
     csr = as_score_csr(matrix)
     rows = row_of_entries(csr)
     ranks = descending_rank_within_rows(rows, csr.data, csr.shape[0])
@@ -109,7 +218,19 @@ def limit_labels_per_row(
     scores: sp.csr_matrix, passed: np.ndarray, min_labels: int, max_labels: int
 ) -> sp.csr_matrix:
     """Bool CSR of the chosen entries: those that `passed`, topped up to `min_labels` by score and cut to
-    `max_labels` by score, so every image gets a usable, bounded label set."""
+    `max_labels` by score, so every image gets a usable, bounded label set.
+
+    Parameters
+    ----------
+    scores : scipy.sparse.csr_matrix of shape (n_images, n_concepts), float
+    passed : numpy.ndarray of shape (scores.nnz,), bool
+        Which stored entries passed the rule, aligned with `scores.data`.
+    min_labels, max_labels : int
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+    """
     rows = row_of_entries(scores)
     n_rows = scores.shape[0]
     # Passed entries first (by score), then the rest (by score): the first r of a row are then exactly

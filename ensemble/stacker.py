@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lightgbm as lgb
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, atomic_write_text, read_json
@@ -25,11 +26,19 @@ from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.sparse_ops import as_bool_csr, gather
 
+if TYPE_CHECKING:  # scikit-learn >= 1.6; older releases never call __sklearn_tags__
+    from sklearn.utils import Tags
+
 MODEL_FILE = "stacker.txt"
 
 
 def default_threads() -> int:
-    """All cores up to 8: LightGBM gains little beyond that on ~30 features."""
+    """All cores up to 8: LightGBM gains little beyond that on ~30 features.
+
+    Returns
+    -------
+    int
+    """
     return max(1, min(os.cpu_count() or 1, 8))
 
 
@@ -41,7 +50,22 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def pair_labels(table: PairTable, truth: sp.spmatrix | np.ndarray) -> np.ndarray:
-    """1 where the candidate concept is among the image's true concepts."""
+    """1 where the candidate concept is among the image's true concepts.
+
+    Parameters
+    ----------
+    table : PairTable
+        Candidate pairs of an (n_images, n_concepts) set, P pairs.
+    truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+
+    Returns
+    -------
+    numpy.ndarray of shape (P,), float32
+        0.0 or 1.0 per pair, in the table's pair order.
+    """
+    if tuple(np.shape(truth)) != tuple(table.candidates.shape):
+        # Pairs are looked up by flat (row, column) keys: another shape would read the wrong labels.
+        raise ValueError(f"truth has shape {np.shape(truth)}, the inputs are {tuple(table.candidates.shape)} (images, concepts)")
     return gather(as_bool_csr(truth), table.candidates.rows, table.candidates.cols).astype(np.float32)
 
 
@@ -49,7 +73,42 @@ class ConceptStacker(BaseEstimator):
     """LightGBM over candidate pairs; `predict_proba` gives a CSR of stacked probabilities.
 
     A scikit-learn estimator: `get_params`, `set_params` and `sklearn.base.clone` come from
-    `BaseEstimator`, read off `__init__`.
+    `BaseEstimator`, read off `__init__`. Its X is a `StackingInputs` (several aligned matrices),
+    not an array, so its scikit-learn tags say so (`two_d_array=False`) and the array-based
+    estimator checks do not apply; tests/test_ensemble_estimator_checks.py checks the same
+    properties by hand.
+
+    Parameters
+    ----------
+    candidates_per_model : int, default=30
+        Top-k concepts per image taken from each source (global, routed, kNN, extra globals).
+    num_leaves : int, default=31
+        LightGBM `num_leaves`.
+    n_estimators : int, default=300
+        Boosting rounds.
+    learning_rate : float, default=0.05
+        LightGBM `learning_rate`.
+    min_child_samples : int, default=20
+        LightGBM `min_data_in_leaf`.
+    seed : int, default=0
+        LightGBM `seed`; with `deterministic` and row-wise histograms, equal seeds give equal models.
+    num_threads : int, optional
+        LightGBM threads; None means `default_threads()`. Does not change the fitted model.
+
+    Attributes
+    ----------
+    booster_ : lightgbm.Booster
+        The fitted model (prediction only).
+    feature_names_ : list of str
+        Feature columns fitted on (`features.feature_names_for`); prediction refuses others.
+    categories_ : list of str
+        The router's categories fitted on.
+    n_train_pairs_ : int
+        Candidate pairs fitted on.
+    n_train_positive_pairs_ : int
+        Of which true.
+    eval_loss_ : numpy.ndarray of shape (n_rounds_run,), float64
+        Held-out log-loss after each round; only set by `fit_table` with `eval_table`.
     """
 
     def __init__(
@@ -72,6 +131,7 @@ class ConceptStacker(BaseEstimator):
 
     @classmethod
     def from_config(cls, config: EnsembleConfig, seed: int = 0, num_threads: int | None = None) -> "ConceptStacker":
+        """A stacker with the run's `[ensemble]` settings."""
         return cls(
             candidates_per_model=config.candidates_per_model,
             num_leaves=config.num_leaves,
@@ -81,6 +141,15 @@ class ConceptStacker(BaseEstimator):
             seed=seed,
             num_threads=num_threads,
         )
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # X is a StackingInputs, not an array
+        tags.input_tags.allow_nan = True  # NaN in a category model's columns: "cannot say"
+        tags.target_tags.required = True
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = False
+        return tags
 
     def _lightgbm_params(self) -> dict[str, Any]:
         return {
@@ -107,7 +176,27 @@ class ConceptStacker(BaseEstimator):
         patience: int | None = None,
     ) -> "ConceptStacker":
         """Fit on a pair table; with `eval_table`, also record its log-loss after every round (`eval_loss_`),
-        and with `patience`, stop once that many rounds have passed without a lower loss."""
+        and with `patience`, stop once that many rounds have passed without a lower loss.
+
+        Parameters
+        ----------
+        table : PairTable
+            P candidate pairs and their (P, n_features) float32 features.
+        labels : numpy.ndarray of shape (P,), float32
+            1.0 for a true pair (`pair_labels`).
+        categories : list of str
+            The router's categories the table was built with.
+        eval_table : PairTable, optional
+            Held-out pairs to score after every round.
+        eval_labels : numpy.ndarray of shape (P_eval,), float32, optional
+            Their labels; required with `eval_table`.
+        patience : int, optional
+            Early-stopping rounds on the held-out loss; None or 0 runs every round.
+
+        Returns
+        -------
+        self : ConceptStacker
+        """
         dataset = lgb.Dataset(
             table.features,
             label=labels,
@@ -138,7 +227,20 @@ class ConceptStacker(BaseEstimator):
         return self
 
     def predict_table(self, table: PairTable, rounds: int | None = None) -> np.ndarray:
-        """Probability of every pair, from the first `rounds` trees (all of them by default)."""
+        """Probability of every pair, from the first `rounds` trees (all of them by default).
+
+        Parameters
+        ----------
+        table : PairTable
+            P candidate pairs with the feature columns fitted on.
+        rounds : int, optional
+            Trees to use; None uses all.
+
+        Returns
+        -------
+        numpy.ndarray of shape (P,), float32
+        """
+        check_is_fitted(self)
         if table.feature_names != self.feature_names_:
             raise ValueError("the inputs' feature columns differ from the ones the stacker was fitted on")
         if table.features.shape[0] == 0:
@@ -150,11 +252,45 @@ class ConceptStacker(BaseEstimator):
     # -- on StackingInputs --
 
     def fit(self, inputs: StackingInputs, truth: sp.spmatrix | np.ndarray) -> "ConceptStacker":
+        """Fit on every candidate pair of these images.
+
+        Parameters
+        ----------
+        inputs : StackingInputs
+            Signals for n_images images over n_concepts global concepts.
+        truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+            True labels over the global vocabulary.
+
+        Returns
+        -------
+        self : ConceptStacker
+        """
+        if truth is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         table = build_pair_table(inputs, self.candidates_per_model)
         return self.fit_table(table, pair_labels(table, truth), inputs.categories)
 
     def predict_proba(self, inputs: StackingInputs) -> sp.csr_matrix:
-        """(n, V) CSR: stacked probability on each candidate pair, nothing elsewhere."""
+        """(n, V) CSR: stacked probability on each candidate pair, nothing elsewhere.
+
+        Parameters
+        ----------
+        inputs : StackingInputs
+            Signals for n_images images, with the categories and extra models fitted on.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+            Sorted indices; a non-candidate pair is absent (read as 0).
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            Before `fit` (or `load`).
+        ValueError
+            If the inputs' categories or feature columns differ from those fitted on.
+        """
+        check_is_fitted(self)
         if list(inputs.categories) != self.categories_:
             raise ValueError(f"inputs have categories {inputs.categories}, the stacker was fitted on {self.categories_}")
         table = build_pair_table(inputs, self.candidates_per_model)
@@ -163,7 +299,9 @@ class ConceptStacker(BaseEstimator):
     # -- persistence: text model + JSON settings, no pickle --
 
     def save(self, path: str | Path) -> Path:
-        """Write the model text (a .txt path, or DIR/stacker.txt) and its settings JSON beside it."""
+        """Write the model text (a .txt path, or DIR/stacker.txt) and its settings JSON beside it.
+        Returns the model text's path."""
+        check_is_fitted(self)
         model_path, settings_path = _paths(path)
         atomic_write_text(model_path, self.booster_.model_to_string())
         atomic_write_json(
@@ -180,6 +318,7 @@ class ConceptStacker(BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptStacker":
+        """The fitted stacker saved by `save` at `path` (the .txt file, or its folder)."""
         model_path, settings_path = _paths(path)
         settings = read_json(settings_path)
         stacker = cls(**settings["params"])
@@ -197,7 +336,18 @@ def _lightgbm_names(names: list[str]) -> list[str]:
 
 
 def table_to_csr(table: PairTable, probabilities: np.ndarray) -> sp.csr_matrix:
-    """Scatter per-pair probabilities back to an (n, V) CSR (pairs are sorted by image, concept)."""
+    """Scatter per-pair probabilities back to an (n, V) CSR (pairs are sorted by image, concept).
+
+    Parameters
+    ----------
+    table : PairTable
+        P candidate pairs of an (n_images, n_concepts) set.
+    probabilities : numpy.ndarray of shape (P,), float
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+    """
     matrix = sp.csr_matrix(
         (probabilities.astype(np.float32), (table.candidates.rows, table.candidates.cols)),
         shape=table.candidates.shape,
@@ -207,11 +357,20 @@ def table_to_csr(table: PairTable, probabilities: np.ndarray) -> sp.csr_matrix:
 
 
 class CrossFit(NamedTuple):
-    """Out-of-fold stacked probabilities for every image, and the stacker fitted on all images."""
+    """Out-of-fold stacked probabilities for every image, and the stacker fitted on all images.
+
+    Parameters
+    ----------
+    oof_probs : scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32
+    stacker : ConceptStacker
+        Fitted on every image with `rounds` rounds.
+    rounds : int
+        Boosting rounds of every model (chosen on the held-out folds with `choose_rounds`).
+    """
 
     oof_probs: sp.csr_matrix
     stacker: ConceptStacker
-    rounds: int  # boosting rounds of every model (chosen on the held-out folds with choose_rounds)
+    rounds: int
 
 
 def cross_fit_out_of_fold(
@@ -222,7 +381,26 @@ def cross_fit_out_of_fold(
     num_threads: int | None = None,
 ) -> CrossFit:
     """K-fold over images: each image's stacked probabilities come from a model that never saw its
-    labels, so thresholds tuned on them are tuned on honest numbers. The pair table is built once."""
+    labels, so thresholds tuned on them are tuned on honest numbers. The pair table is built once.
+
+    Parameters
+    ----------
+    inputs : StackingInputs
+        Signals for n_images images over n_concepts concepts.
+    truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+    config : EnsembleConfig
+        Stacker settings, `folds`, `choose_rounds` and `rounds_patience`.
+    seed : int, default=0
+        Seeds the folds and LightGBM.
+    num_threads : int, optional
+        LightGBM threads.
+
+    Returns
+    -------
+    CrossFit
+        `oof_probs` (scipy.sparse.csr_matrix of shape (n_images, n_concepts), float32), the
+        stacker fitted on all images, and the boosting rounds used.
+    """
     table = build_pair_table(inputs, config.candidates_per_model)
     labels = pair_labels(table, truth)
     folds = image_folds(inputs.n_images, config.folds, seed)
@@ -248,6 +426,26 @@ def cross_fit_table(
     a few hundred images want far fewer trees than 16,000.
     A fold stops `rounds_patience` rounds after its own best, so a generous `n_estimators` costs
     little; the sum is taken over the rounds every fold ran.
+
+    Parameters
+    ----------
+    table : PairTable
+        P candidate pairs with their features.
+    labels : numpy.ndarray of shape (P,), float32
+    image_fold : numpy.ndarray of shape (n_images,), int
+        Fold number per image.
+    categories : list of str
+    config : EnsembleConfig
+    seed : int, default=0
+    num_threads : int, optional
+
+    Returns
+    -------
+    oof : numpy.ndarray of shape (P,), float32
+        Each pair's probability from the model that did not see its image.
+    stacker : ConceptStacker
+        Fitted on every pair with `rounds` rounds.
+    rounds : int
     """
     fold_models, held_out_rows, weighted_losses = [], [], []
     for fit_on, held_out in fold_splits(np.asarray(image_fold)[table.candidates.rows]):

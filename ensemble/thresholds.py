@@ -11,14 +11,19 @@ one tuned global threshold with `prior_strength` pseudo-positives.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, gather, limit_labels_per_row, row_of_entries
+
+if TYPE_CHECKING:  # scikit-learn >= 1.6; older releases never call __sklearn_tags__
+    from sklearn.utils import Tags
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -27,8 +32,33 @@ def _truth_sizes(truth: sp.csr_matrix, truth_outside: np.ndarray | None) -> np.n
     """|G| per image, counting out-of-vocabulary true concepts (they can only be missed)."""
     sizes = np.diff(truth.indptr).astype(np.float64)
     if truth_outside is not None:
-        sizes = sizes + np.asarray(truth_outside, dtype=np.float64)
+        outside = np.asarray(truth_outside, dtype=np.float64)
+        if outside.shape != sizes.shape:
+            # A length-1 array would broadcast and silently give every image the same count.
+            raise ValueError(f"truth_outside has shape {outside.shape}, expected one count per image {sizes.shape}")
+        sizes = sizes + outside
     return sizes
+
+
+def multilabel_tags(tags: Tags) -> Tags:
+    """scikit-learn tags shared by both decision rules: X is an (n_images, n_concepts) probability
+    matrix, dense or sparse, NaN meaning "no score"; y is a label matrix of the same shape.
+
+    Parameters
+    ----------
+    tags : sklearn.utils.Tags
+        `BaseEstimator.__sklearn_tags__()`, changed in place.
+
+    Returns
+    -------
+    sklearn.utils.Tags
+    """
+    tags.input_tags.sparse = True
+    tags.input_tags.allow_nan = True
+    tags.target_tags.required = True
+    tags.target_tags.multi_output = True
+    tags.target_tags.single_output = False
+    return tags
 
 
 def _entry_labels(scores: sp.csr_matrix, truth: sp.csr_matrix) -> np.ndarray:
@@ -50,6 +80,24 @@ def tune_global_threshold(
 
     Candidate thresholds are quantiles of the stored probabilities; each image's predicted and hit
     counts at every candidate come from one bincount and a reversed cumulative sum.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+        Probabilities; absent entries and NaN are never predicted.
+    truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+        True labels over the same concepts.
+    truth_outside : numpy.ndarray of shape (n_images,), int, optional
+        True concepts per image outside the columns (out of vocabulary): they count as missed.
+    n_grid : int, default=256
+        Number of quantiles of the probabilities tried as thresholds.
+
+    Returns
+    -------
+    threshold : float
+        Predict an entry when its probability is >= threshold; 0.5 when nothing can be scored.
+    score : float
+        Mean per-image F1 at that threshold over images with at least one true concept.
     """
     scores = as_score_csr(probs)
     truth_csr = as_bool_csr(truth)
@@ -81,6 +129,22 @@ def concept_gain_curve(
 
     Inputs are aligned with the concept's entries sorted by descending probability; base_* are
     each image's counts without this concept. Images with empty truth are not scored and add 0.
+
+    Parameters
+    ----------
+    base_hits : numpy.ndarray of shape (n_entries,), float
+        Correct predictions of each entry's image, not counting this concept.
+    base_predicted : numpy.ndarray of shape (n_entries,), float
+        Predicted concepts of each entry's image, not counting this concept.
+    truth_sizes : numpy.ndarray of shape (n_entries,), float
+        True concepts of each entry's image (|G|, out-of-vocabulary ones included).
+    labels : numpy.ndarray of shape (n_entries,), bool
+        Whether the concept is true for each entry's image.
+
+    Returns
+    -------
+    numpy.ndarray of shape (n_entries,), float64
+        Element m-1: the F1 sum's change when the concept is predicted for the first m entries.
     """
     hit = labels.astype(np.float64)
     scored = truth_sizes > 0
@@ -92,7 +156,35 @@ def concept_gain_curve(
 class ConceptThresholdTuner(BaseEstimator):
     """Per-concept thresholds maximising the mean per-image F1, then a per-image label-count rule.
 
-    `get_params`, `set_params` and `sklearn.base.clone` come from scikit-learn's `BaseEstimator`.
+    `get_params`, `set_params` and `sklearn.base.clone` come from scikit-learn's `BaseEstimator`;
+    `X` is a probability matrix and `y` a label matrix of the same shape (multi-label), so the
+    scikit-learn checks that fit on a 1-D class vector cannot apply
+    (tests/test_ensemble_estimator_checks.py says which run).
+
+    Parameters
+    ----------
+    prior_strength : float, default=10.0
+        Pseudo-positives pulling a concept's threshold toward the global one: a concept with n
+        positives keeps the weight n / (n + prior_strength) on its own tuned threshold. 0 disables.
+    min_labels : int, default=1
+        Fewest labels per image in `predict` (topped up with its best-scored candidates).
+    max_labels : int, default=100
+        Most labels per image in `predict` (the best-scored ones are kept).
+    sweeps : int, default=3
+        Most passes of coordinate ascent over the concepts.
+    tolerance : float, default=1e-6
+        Stop once a sweep improves the training objective by less than this.
+
+    Attributes
+    ----------
+    global_threshold_ : float
+        The best single threshold for all concepts (`tune_global_threshold`).
+    thresholds_ : numpy.ndarray of shape (n_concepts,), float64
+        Each concept's threshold; concepts without candidates keep the global one.
+    n_positives_ : numpy.ndarray of shape (n_concepts,), int64
+        True labels per concept in the fitting data.
+    sweep_scores_ : list of float
+        Training objective (mean F1, no label-count rule) before the first and after each sweep.
     """
 
     def __init__(
@@ -111,7 +203,11 @@ class ConceptThresholdTuner(BaseEstimator):
 
     @classmethod
     def from_config(cls, config: EnsembleConfig) -> "ConceptThresholdTuner":
+        """A tuner with the run's `threshold_prior_strength`, `min_labels` and `max_labels`."""
         return cls(config.threshold_prior_strength, config.min_labels, config.max_labels)
+
+    def __sklearn_tags__(self) -> Tags:
+        return multilabel_tags(super().__sklearn_tags__())
 
     def fit(
         self,
@@ -119,10 +215,29 @@ class ConceptThresholdTuner(BaseEstimator):
         truth: sp.spmatrix | np.ndarray,
         truth_outside: np.ndarray | None = None,
     ) -> "ConceptThresholdTuner":
+        """Tune every concept's threshold on these images.
+
+        Parameters
+        ----------
+        probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+            Stacked (ideally out-of-fold) probabilities; absent entries and NaN are never predicted.
+        truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool or 0/1
+            True labels.
+        truth_outside : numpy.ndarray of shape (n_images,), int, optional
+            True concepts per image outside the vocabulary: they lower F1 however we decide.
+
+        Returns
+        -------
+        self : ConceptThresholdTuner
+        """
+        if truth is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         scores = as_score_csr(probs)
         truth_csr = as_bool_csr(truth)
         if scores.shape != truth_csr.shape:
             raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
+        if scores.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__} cannot be fitted on 0 images (probs of shape {scores.shape})")
         n, v = scores.shape
         sizes = _truth_sizes(truth_csr, truth_outside)
         n_scored = max(int((sizes > 0).sum()), 1)
@@ -184,7 +299,17 @@ class ConceptThresholdTuner(BaseEstimator):
         return float((2.0 * hits[scored] / (predicted[scored] + sizes[scored])).sum() / n_scored)
 
     def decide(self, probs: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-        """Bool CSR of entries at or above their concept's threshold, before the label-count rule."""
+        """Bool CSR of entries at or above their concept's threshold, before the label-count rule.
+
+        Parameters
+        ----------
+        probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+        """
+        check_is_fitted(self)
         scores = as_score_csr(probs)
         passed = scores.data >= self.thresholds_[scores.indices]
         decided = sp.csr_matrix((passed, scores.indices, scores.indptr), shape=scores.shape, dtype=bool)
@@ -192,7 +317,26 @@ class ConceptThresholdTuner(BaseEstimator):
         return decided
 
     def predict(self, probs: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-        """Thresholded labels with at least `min_labels` (best scores) and at most `max_labels` per image."""
+        """Thresholded labels with at least `min_labels` (best scores) and at most `max_labels` per image.
+
+        Parameters
+        ----------
+        probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+            Same concept columns as in `fit`.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+            The chosen labels; an image with fewer than `min_labels` scored candidates keeps them all.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            Before `fit` (or `load`).
+        ValueError
+            If `probs` has a different number of concepts than the thresholds.
+        """
+        check_is_fitted(self)
         scores = as_score_csr(probs)
         if scores.shape[1] != self.thresholds_.size:
             raise ValueError(f"probs have {scores.shape[1]} concepts, thresholds {self.thresholds_.size}")
@@ -200,7 +344,8 @@ class ConceptThresholdTuner(BaseEstimator):
         return limit_labels_per_row(scores, passed, self.min_labels, self.max_labels)
 
     def save(self, path: str | Path) -> Path:
-        """JSON (a .json path, or DIR/thresholds.json); floats are written exactly."""
+        """JSON (a .json path, or DIR/thresholds.json); floats are written exactly. Returns the file written."""
+        check_is_fitted(self)
         learned = {
             "global_threshold": self.global_threshold_,
             "thresholds": self.thresholds_.tolist(),
@@ -211,6 +356,7 @@ class ConceptThresholdTuner(BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptThresholdTuner":
+        """The fitted tuner saved by `save` at `path` (a .json file, or a folder holding thresholds.json)."""
         payload = read_rule(path, THRESHOLDS_FILE)
         tuner = cls(**payload["params"])
         tuner.global_threshold_ = float(payload["global_threshold"])
