@@ -89,7 +89,7 @@ class TrainingConfig:
     lr_reduce_patience: int = checked(1, ge=0)
     lr_reduce_factor: float = checked(0.3, gt=0, le=1)
     unfreeze_every_epochs: int = checked(1, ge=1)  # layerwise: one more block of the backbone per this many epochs
-    # Fine-tuning recipe (training.schedule, training.head_warmup); the defaults are the plain loop.
+    # Fine-tuning recipe (training.schedule; the head warm-up in training.loop); the defaults are the plain loop.
     head_warmup_epochs: int = checked(0, ge=0)  # full/layerwise: first train the head alone on cached backbone features
     head_warmup_learning_rate: float = checked(0.0, ge=0)  # the head's rate in that warm-up (0: learning_rate)
     backbone_lr_factor: float = checked(1.0, gt=0)  # the top backbone group learns at learning_rate x this

@@ -194,9 +194,6 @@ def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: Conce
     return LabelledOutputs(outputs, truth, outside, categories, secondary_outside)
 
 
-RowDecider = Callable[[], sp.csr_matrix]
-
-
 def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocabulary, labelled: LabelledOutputs, ensemble: FittedEnsemble):
     outputs = labelled.outputs
     truth, outside = labelled.truth, labelled.truth_outside
