@@ -126,9 +126,13 @@ def test_devices_under_torchrun_are_refused(demo, tmp_path, monkeypatch):
 
 
 def test_jobs_start_largest_first():
+    from conceptclef.core.config import Config
+    from conceptclef.pipeline.networks import run_networks
+    from conceptclef.pipeline.run_directory import RunLayout
     from conceptclef.pipeline.train_all import ModelJob, largest_first
 
-    jobs = [ModelJob("DRAN", None, 11), ModelJob("router", None, 140), ModelJob("DRCT", None, 39), ModelJob("global", None, 140)]
+    networks = {network.name: network for network in run_networks(RunLayout(Path("run")), Config(), ["DRAN", "DRCT"])}
+    jobs = [ModelJob(networks[name], None, size) for name, size in (("DRAN", 11), ("router", 140), ("DRCT", 39), ("global", 140))]
     assert [job.name for job in largest_first(jobs)] == ["global", "router", "DRCT", "DRAN"]
 
 

@@ -29,7 +29,7 @@ from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_text
 from conceptclef.data.cache import ImageCache
 from conceptclef.data.demo import make_demo_dataset
 from conceptclef.data.submission import write_submission
-from conceptclef.pipeline.data_fingerprint import FINGERPRINT_FILE, DataFingerprint, check_data_unchanged
+from conceptclef.pipeline.data_fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.datasets import load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.run_lock import run_lock
@@ -98,8 +98,8 @@ def _relabel_first_valid_image(data: Path) -> str:
 def test_unchanged_data_give_the_same_fingerprint(data, tmp_path):
     first = _fingerprint(data)
     assert first.differences(_fingerprint(data)) == []
-    first.save(tmp_path / FINGERPRINT_FILE)
-    assert DataFingerprint.load(tmp_path / FINGERPRINT_FILE).differences(first) == []
+    first.save(tmp_path / "data.json")
+    assert DataFingerprint.load(tmp_path / "data.json").differences(first) == []
 
 
 def test_relabelled_validation_image_is_named(data, tmp_path):
