@@ -17,16 +17,17 @@ import torch
 from cli_helpers import invoke, run_cli, train
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import TrainingConfig, load_config
-from conceptclef.pipeline import tta
-from conceptclef.pipeline.base_models import ModelPredictions
-from conceptclef.pipeline.datasets import load_training_sets
+from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.stages.train_networks import ModelPredictions
+from conceptclef.pipeline.image_sets import load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.datasets import config_at_image_size
-from conceptclef.pipeline.networks import run_networks
-from conceptclef.pipeline.predict import RunModels, predict_submission
-from conceptclef.pipeline.run_directory import Manifest, RunLayout
-from conceptclef.pipeline.specialist_init import specialist_training
-from conceptclef.pipeline.train_all import ModelJob, dependency_waves, train_all
+from conceptclef.pipeline.image_sets import config_at_image_size
+from conceptclef.pipeline.run.networks import run_networks
+from conceptclef.pipeline.stages.predict import RunModels, predict_submission
+from conceptclef.pipeline.run.directory import Manifest
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.run.specialist_init import specialist_training
+from conceptclef.pipeline.stages.train_all import ModelJob, dependency_waves, train_all
 from conceptclef.training.backbones import create_network
 from conceptclef.training.checkpoints import load_checkpoint, save_checkpoint
 

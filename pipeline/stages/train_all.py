@@ -2,10 +2,10 @@
 
 Every stage leaves its files in the run directory and is skipped when they are complete, so
 rerunning the same command after a crash continues where it stopped, provided the data are the
-ones the run recorded (pipeline/data_fingerprint.py); one process at a time holds a run directory
-(pipeline/run_lock.py). This module decides what to
+ones the run recorded (pipeline/run/fingerprint.py); one process at a time holds a run directory
+(pipeline/run/lock.py). This module decides what to
 train; the base models then train one after the other here, or side by side on several devices
-through `pipeline.parallel`.
+through `pipeline.devices.workers`.
 """
 
 from __future__ import annotations
@@ -24,26 +24,26 @@ from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.errors import DataError
 from conceptclef.data.modalities import UNROUTED
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline.base_models import train_concept_stage, train_router_stage
-from conceptclef.pipeline.category_record import write_category_record
-from conceptclef.pipeline.data_fingerprint import DataFingerprint, check_data_unchanged
-from conceptclef.pipeline.datasets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
+from conceptclef.pipeline.stages.train_networks import train_concept_stage, train_router_stage
+from conceptclef.pipeline.run.category_record import write_category_record
+from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unchanged
+from conceptclef.pipeline.image_sets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.parallel import check_devices, run_on_devices
-from conceptclef.pipeline.preflight import SettingOrigin, check_data_fits, check_machine
-from conceptclef.pipeline.ranks import barrier, is_main_process
-from conceptclef.pipeline.run_directory import (
+from conceptclef.pipeline.devices.workers import check_devices, run_on_devices
+from conceptclef.pipeline.run.preflight import SettingOrigin, check_data_fits, check_machine
+from conceptclef.pipeline.devices.ranks import barrier, is_main_process
+from conceptclef.pipeline.run.directory import (
     Manifest,
-    RunLayout,
     image_cache_dir,
     resolve_run_config,
     saved_ensemble_config,
     write_run_config,
 )
-from conceptclef.pipeline.run_lock import check_run_directory_writable, run_lock
-from conceptclef.pipeline.networks import Network, Role, every_kind_settings, extra_global_name, run_networks
-from conceptclef.pipeline.specialist_init import specialist_training
-from conceptclef.pipeline.stacking import fit_ensemble_stage
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.run.lock import check_run_directory_writable, run_lock
+from conceptclef.pipeline.run.networks import Network, Role, every_kind_settings, extra_global_name, run_networks
+from conceptclef.pipeline.run.specialist_init import specialist_training
+from conceptclef.pipeline.stages.stacking import fit_ensemble_stage
 from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")

@@ -33,15 +33,16 @@ from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.mixing import assigned_block, category_positions, routed_index
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
-from conceptclef.pipeline.base_models import read_confusion
-from conceptclef.pipeline.concept_report import concept_report
-from conceptclef.pipeline.category_record import categories_from_labels
-from conceptclef.pipeline.datasets import load_unlabelled_set
+from conceptclef.pipeline.stages.train_networks import read_confusion
+from conceptclef.pipeline.stages.concept_report import concept_report
+from conceptclef.pipeline.run.category_record import categories_from_labels
+from conceptclef.pipeline.image_sets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.predict import RunModels, unlabelled_images_at_size
-from conceptclef.pipeline.reports import write_ablation_report
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
-from conceptclef.pipeline.stacking import (
+from conceptclef.pipeline.stages.predict import RunModels, unlabelled_images_at_size
+from conceptclef.pipeline.stages.reports import write_ablation_report
+from conceptclef.pipeline.run.directory import Manifest, load_run_config
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.stages.stacking import (
     BaseOutputs,
     FittedEnsemble,
     load_oof_probabilities,

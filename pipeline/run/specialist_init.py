@@ -28,8 +28,8 @@ import torch
 from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_output, atomic_write_json, read_json
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import barrier, is_main_process
-from conceptclef.pipeline.run_directory import BACKBONE_PREFIX, RunLayout
+from conceptclef.pipeline.devices.ranks import barrier, is_main_process
+from conceptclef.pipeline.run.layout import BACKBONE_PREFIX, RunLayout
 from conceptclef.training.checkpoints import RunFiles
 from conceptclef.training.weights import read_state_dict
 

@@ -21,9 +21,22 @@ from typing import Any, Collection, Protocol, Sequence
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, ExtraGlobalModel, TrainingConfig
-from conceptclef.pipeline.run_directory import NetworkFiles, RunLayout
-from conceptclef.pipeline.specialist_init import started_from_current_global, starts_from_global
+from conceptclef.pipeline.run.layout import NetworkFiles, RunLayout
+from conceptclef.pipeline.run.specialist_init import started_from_current_global, starts_from_global
 from conceptclef.router import router_class_for
+
+__all__ = [
+    "EXTRA_GLOBAL_PREFIX",
+    "NETWORK_KINDS",
+    "Network",
+    "NetworkKind",
+    "Role",
+    "TrainedNetwork",
+    "every_kind_settings",
+    "extra_global_name",
+    "extra_global_training",
+    "run_networks",
+]
 
 
 class TrainedNetwork(Protocol):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.layout import discover_categories
-from conceptclef.pipeline.datasets import UNCATEGORISED, ImageSet
-from conceptclef.pipeline.ranks import is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.image_sets import UNCATEGORISED, ImageSet
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
 FROM_FOLDERS, FROM_LABELS, ONE_CATEGORY = "folders", "modality CUIs", "one category"
 

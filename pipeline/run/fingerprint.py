@@ -34,10 +34,10 @@ from typing import Any, Mapping
 from conceptclef.core.runfiles import atomic_write_text, read_json
 from conceptclef.data.errors import DataError
 from conceptclef.data.layout import find_concept_file
-from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.image_sets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
 log = logging.getLogger("conceptclef")
 

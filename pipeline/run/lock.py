@@ -22,8 +22,8 @@ from typing import Iterator
 
 from conceptclef.core.partial_files import create_partial, remove_leftover_partials
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
 
 

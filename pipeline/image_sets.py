@@ -18,7 +18,7 @@ from conceptclef.data.layout import ImageRecord, LabelledSplit, list_image_folde
 from conceptclef.data.modalities import UNROUTED, ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import main_process_first
+from conceptclef.pipeline.devices.ranks import main_process_first
 
 log = logging.getLogger("conceptclef")
 

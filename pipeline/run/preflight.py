@@ -38,7 +38,7 @@ def check_machine(config: Config, origin: SettingOrigin, networks: Iterable[tupl
     """The device exists and the weight source of each network still to train can be read.
 
     `networks`: the config key and settings of each network still to train (`Network.settings_key`
-    and `Network.settings` of the table in pipeline.networks, or `every_kind_settings(config)`).
+    and `Network.settings` of the table in pipeline.run.networks, or `every_kind_settings(config)`).
     """
     to_check = list(networks)
     if to_check and check_device:

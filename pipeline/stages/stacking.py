@@ -23,12 +23,13 @@ from conceptclef.ensemble.features import feature_names_for
 from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
 from conceptclef.ensemble.knn import NearestNeighbourScorer
 from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
-from conceptclef.pipeline.base_models import ModelPredictions
-from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.stages.train_networks import ModelPredictions
+from conceptclef.pipeline.image_sets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.networks import EXTRA_GLOBAL_PREFIX, Role, run_networks
-from conceptclef.pipeline.run_directory import Manifest, RunLayout
-from conceptclef.pipeline.validation_scores import out_of_fold_decisions, validation_scores
+from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Role, run_networks
+from conceptclef.pipeline.run.directory import Manifest
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.stages.validation_scores import out_of_fold_decisions, validation_scores
 from conceptclef.scoring.secondary import outside_counts as secondary_outside_counts
 
 log = logging.getLogger("conceptclef")

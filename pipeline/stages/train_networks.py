@@ -17,10 +17,10 @@ from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline import tta
-from conceptclef.pipeline.datasets import ImageSet, routed_subset
-from conceptclef.pipeline.ranks import is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.image_sets import ImageSet, routed_subset
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
 from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from conceptclef.training.feature_registry import feature_store_for

@@ -17,14 +17,15 @@ from conceptclef.core.runfiles import atomic_save_sparse
 from conceptclef.data.submission import write_submission, write_upload_zip
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.nonempty import at_least_one_concept
-from conceptclef.pipeline import tta
-from conceptclef.pipeline.datasets import ImagesAtSize, ImageSet, config_at_image_size, load_unlabelled_set, same_images
+from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.image_sets import ImagesAtSize, ImageSet, config_at_image_size, load_unlabelled_set, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
-from conceptclef.pipeline.preflight import check_device_available
-from conceptclef.pipeline.networks import EXTRA_GLOBAL_PREFIX, Network, Role, run_networks
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
-from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, to_stacking_inputs
+from conceptclef.pipeline.run.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
+from conceptclef.pipeline.run.preflight import check_device_available
+from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Network, Role, run_networks
+from conceptclef.pipeline.run.directory import Manifest, load_run_config
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.stages.stacking import BaseOutputs, FittedEnsemble, to_stacking_inputs
 from conceptclef.router import ModalityRouter, SingleCategoryRouter
 from conceptclef.training.feature_registry import feature_store_for
 
