@@ -55,7 +55,7 @@ def bare_forward_seconds(models: RunModels, images: np.ndarray, batch_size: int)
     networks = {"global": models.global_model.network_}
     if hasattr(models.router, "network_"):  # a single-category run has no router network
         networks = {"router": models.router.network_, **networks}
-    networks.update({f"category-{name}": model.network_ for name, model in models.category_models.items()})
+    networks.update({f"category-{name}": model.network_ for name, model in models.concept_models.items()})
     per_network: dict[str, float] = {}
     with torch.inference_mode():
         for name, network in networks.items():

@@ -2,7 +2,7 @@
 and a run directory into submissions and reports.
 
 By job, each package importing only those listed before it (and the model packages below:
-core, data, training, router, category_models, ensemble, scoring):
+core, data, training, router, concept_models, ensemble, scoring):
 
 - `devices`: multi-device plumbing: torchrun ranks (`devices.ranks`) and worker processes that
   train networks side by side (`devices.workers`). Imports nothing else from `pipeline`.

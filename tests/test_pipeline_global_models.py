@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cli_helpers import invoke, run_cli, train
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import TrainingConfig, load_config
 from conceptclef.pipeline.stages import tta
 from conceptclef.pipeline.stages.train_networks import ModelPredictions

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import conceptclef.training.checkpoints  # noqa: E402
-from conceptclef.category_models import ConceptModel  # noqa: E402
+from conceptclef.concept_models import ConceptModel  # noqa: E402
 from conceptclef.core.config import AugmentConfig, load_config  # noqa: E402
 from conceptclef.router import ModalityRouter  # noqa: E402
 from conceptclef.training import distributed  # noqa: E402

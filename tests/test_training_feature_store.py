@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import load_config
 from conceptclef.pipeline.image_sets import SubsetImages
 from conceptclef.router import ModalityRouter

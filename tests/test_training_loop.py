@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import ConfigError, load_config
 from conceptclef.router import ModalityRouter
 from conceptclef.training.backbones import ImageClassifier

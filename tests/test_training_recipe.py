@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import load_config
 from conceptclef.training import loop
 from conceptclef.training.backbones import create_network, layer_groups

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Protocol, Sequence
 
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import Config, ExtraGlobalModel, TrainingConfig
 from conceptclef.pipeline.run.layout import NetworkFiles, RunLayout
 from conceptclef.pipeline.run.specialist_init import started_from_current_global, starts_from_global

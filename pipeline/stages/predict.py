@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import Config, locate_key
 from conceptclef.core.runfiles import atomic_save_sparse
 from conceptclef.data.submission import write_submission, write_upload_zip
@@ -40,7 +40,7 @@ class RunModels:
 
     router: ModalityRouter | SingleCategoryRouter
     global_model: ConceptModel
-    category_models: dict[str, ConceptModel]
+    concept_models: dict[str, ConceptModel]
     vocabulary: ConceptVocabulary
     extra_global_models: dict[str, ConceptModel] = dataclasses.field(default_factory=dict)
 
@@ -58,7 +58,7 @@ class RunModels:
         router: ModalityRouter | SingleCategoryRouter | None = None
         global_model: ConceptModel | None = None
         vocabulary: ConceptVocabulary | None = None
-        category_models: dict[str, ConceptModel] = {}
+        concept_models: dict[str, ConceptModel] = {}
         extra_global_models: dict[str, ConceptModel] = {}
         for network in networks:
             model = network.model_class.load(network.work_dir, config.device, features)
@@ -75,9 +75,9 @@ class RunModels:
                 extra_global_models[network.name.removeprefix(EXTRA_GLOBAL_PREFIX)] = model
             else:
                 _checked_vocabulary(network, manifest.category_vocabularies.get(network.name, ""))
-                category_models[network.name] = model
+                concept_models[network.name] = model
         assert router is not None and global_model is not None and vocabulary is not None  # the table always holds both
-        return cls(router, global_model, category_models, vocabulary, extra_global_models)
+        return cls(router, global_model, concept_models, vocabulary, extra_global_models)
 
     def predict(self, image_set: ImageSet, images_at_size: ImagesAtSize | None = None) -> BaseOutputs:
         """Every network's outputs; an extra global model at another image size reads its images from `images_at_size`."""
@@ -97,8 +97,8 @@ class RunModels:
             router_categories=list(self.router.categories_),
             global_probs=global_probs,
             global_embeddings=embeddings,
-            category_probs={category: tta.predict_proba(model, images) for category, model in self.category_models.items()},
-            category_cuis={category: list(model.cuis_) for category, model in self.category_models.items()},
+            category_probs={category: tta.predict_proba(model, images) for category, model in self.concept_models.items()},
+            category_cuis={category: list(model.cuis_) for category, model in self.concept_models.items()},
             extra_global_probs=extra_probs,
         )
 

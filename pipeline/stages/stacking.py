@@ -136,7 +136,7 @@ def to_stacking_inputs(
     )
 
 
-def fit_ensemble_stage(
+def fit_ensemble(
     layout: RunLayout,
     config: Config,
     manifest: Manifest,

@@ -24,7 +24,7 @@ from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.errors import DataError
 from conceptclef.data.modalities import UNROUTED
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline.stages.train_networks import train_concept_stage, train_router_stage
+from conceptclef.pipeline.stages.train_networks import train_concept_model, train_router
 from conceptclef.pipeline.run.category_record import write_category_record
 from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.image_sets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
@@ -43,7 +43,7 @@ from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.run.lock import check_run_directory_writable, run_lock
 from conceptclef.pipeline.run.networks import Network, Role, every_kind_settings, extra_global_name, run_networks
 from conceptclef.pipeline.run.specialist_init import specialist_training
-from conceptclef.pipeline.stages.stacking import fit_ensemble_stage
+from conceptclef.pipeline.stages.stacking import fit_ensemble
 from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")
@@ -126,7 +126,7 @@ def _train_all_locked(
             raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(names)}")
         # Asked for by name, the ensemble is re-fitted from the saved predictions even when done.
         if "ensemble" not in manifest.finished_stages or (only and "ensemble" in only):
-            fit_ensemble_stage(layout, config, manifest, train, valid, global_vocabulary)
+            fit_ensemble(layout, config, manifest, train, valid, global_vocabulary)
             manifest.mark_finished("ensemble", layout)
     manifest.save(layout)
     return manifest
@@ -191,7 +191,7 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
     """
     network = job.network
     if network.role is Role.ROUTER:
-        train_router_stage(layout, config, train, valid)
+        train_router(layout, config, train, valid)
         return
     assert job.vocabulary is not None
     if network.image_size != config.data.image_size:
@@ -200,7 +200,7 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
         resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size))
         train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
     if network.category is None:
-        train_concept_stage(
+        train_concept_model(
             network.work_dir, config, train, job.vocabulary, valid, valid,
             train_all_images=train, is_global=network.role is Role.GLOBAL, settings=network.settings, image_size=network.image_size,
         )
@@ -208,7 +208,7 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
     category_train = train.subset(_members(train, network.category))
     category_valid = valid.subset(_members(valid, network.category))
     settings = specialist_training(config, layout, network.work_dir) if network.depends_on else network.settings
-    train_concept_stage(network.work_dir, config, category_train, job.vocabulary, category_valid, valid, settings=settings)
+    train_concept_model(network.work_dir, config, category_train, job.vocabulary, category_valid, valid, settings=settings)
 
 
 def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptclef.category_models import ConceptModel
+from conceptclef.concept_models import ConceptModel
 from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
@@ -54,7 +54,7 @@ class ModelPredictions:
         )
 
 
-def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
+def train_router(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
     """Train the router (nothing to train for a single category) and save its validation probabilities."""
     work_dir = layout.router_dir
     all_valid = valid
@@ -106,7 +106,7 @@ def read_confusion(layout: RunLayout) -> tuple[list[str], np.ndarray]:
     return payload["categories"], np.array(payload["matrix"], dtype=np.int64)
 
 
-def train_concept_stage(
+def train_concept_model(
     work_dir: Path,
     config: Config,
     training: "ImageSet",

@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conceptclef.category_models import ConceptModel
-from conceptclef.category_models.model import sample_f1_at_threshold
+from conceptclef.concept_models import ConceptModel
+from conceptclef.concept_models.model import sample_f1_at_threshold
 from conceptclef.core.config import load_config
 from conceptclef.scoring.f1 import sample_f1
 from conceptclef.training.losses import LOSS_NAMES
