@@ -78,7 +78,7 @@ def train_all(
     data: Path = typer.Option(..., help="Dataset folder (train/, valid/, *_concepts.csv)."),
     out: Path = typer.Option(..., help="Run directory; rerunning resumes it."),
     config: Optional[Path] = typer.Option(None, help="TOML config (see configs/)."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated stages: router,global,<CATEGORY>,ensemble."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated networks (router, global, global-<NAME> of an extra global model, a category) and ensemble."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: section.key=value."),
     devices: Optional[str] = typer.Option(
         None,

@@ -134,7 +134,7 @@ def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = 
     them) get their category from their modality CUIs (data.modalities, [categories] in the
     config); a split mixing both layouts is refused. Both concept files are read and every
     category assigned before any image is decoded, so a bad row fails in seconds, not after caching.
-    `cache_dir` overrides where the image cache goes (train-all: see run_directory.image_cache_dir).
+    `cache_dir` overrides where the image cache goes (train-all: see pipeline.run.directory.image_cache_dir).
     """
     data_dir = Path(data_dir)
     if cache_dir is None:

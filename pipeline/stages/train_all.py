@@ -3,9 +3,9 @@
 Every stage leaves its files in the run directory and is skipped when they are complete, so
 rerunning the same command after a crash continues where it stopped, provided the data are the
 ones the run recorded (pipeline/run/fingerprint.py); one process at a time holds a run directory
-(pipeline/run/lock.py). This module decides what to
-train; the base models then train one after the other here, or side by side on several devices
-through `pipeline.devices.workers`.
+(pipeline/run/lock.py). This module walks the run's table of networks (pipeline/run/networks.py)
+to decide what to train; the networks then train one after the other here, or side by side on
+several devices through `pipeline.devices.workers`.
 """
 
 from __future__ import annotations
