@@ -78,7 +78,7 @@ def train_all(
     data: Path = typer.Option(..., help="Dataset folder (train/, valid/, *_concepts.csv)."),
     out: Path = typer.Option(..., help="Run directory; rerunning resumes it."),
     config: Optional[Path] = typer.Option(None, help="TOML config (see configs/)."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated stages: router,global,<CATEGORY>,ensemble."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated networks (router, global, global-<NAME> of an extra global model, a category) and ensemble."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: section.key=value."),
     devices: Optional[str] = typer.Option(
         None,
@@ -87,8 +87,8 @@ def train_all(
     ),
 ) -> None:
     """Train the router, the global and per-category models, then fit the stacker and thresholds."""
-    from conceptclef.pipeline.parallel import parse_devices
-    from conceptclef.pipeline.train_all import train_all as run_train_all
+    from conceptclef.pipeline.devices.workers import parse_devices
+    from conceptclef.pipeline.stages.train_all import train_all as run_train_all
     from conceptclef.training import distributed
 
     stages = [stage.strip() for stage in only.split(",") if stage.strip()] if only else None
@@ -116,7 +116,7 @@ def predict(
     ),
 ) -> None:
     """Write a challenge submission (and per-image probabilities beside it) using only RUN."""
-    from conceptclef.pipeline.predict import predict_submission
+    from conceptclef.pipeline.stages.predict import predict_submission
 
     summary = predict_submission(run_dir=run, images_dir=images, out_path=out, submission_format=format, upload_zip=zip_, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
@@ -139,7 +139,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Score a submission with the official primary and secondary sample-averaged F1."""
-    from conceptclef.pipeline.evaluate import evaluate_submission
+    from conceptclef.pipeline.stages.evaluate import evaluate_submission
 
     report = evaluate_submission(
         submission, ground_truth, subset_path=subset, categories_path=categories, secondary_truth_path=secondary_gt
@@ -166,7 +166,7 @@ def validate(
     format: Optional[str] = typer.Option(None, help="2020, 2022 or 2025 (2025/2026 checker); guessed from the file when omitted."),
 ) -> None:
     """Check a submission against the official rules of its format; exit non-zero when it breaks one."""
-    from conceptclef.pipeline.evaluate import validate_submission_file
+    from conceptclef.pipeline.stages.evaluate import validate_submission_file
 
     count = validate_submission_file(submission, images, submission_format=format)
     typer.echo(f"{submission}: valid ({count} images)")
@@ -185,7 +185,7 @@ def ablation(
     ),
 ) -> None:
     """Score global vs per-category vs stacked ensemble (primary and secondary F1), and every concept by frequency band."""
-    from conceptclef.pipeline.ablation import run_ablation
+    from conceptclef.pipeline.stages.ablation import run_ablation
 
     table = run_ablation(
         run_dir=run, out_dir=out, images_dir=images, truth_path=gt, categories_path=categories, cui_names_path=cui_names

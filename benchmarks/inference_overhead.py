@@ -31,10 +31,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from conceptclef.pipeline.datasets import load_unlabelled_set  # noqa: E402
-from conceptclef.pipeline.predict import RunModels, write_predictions  # noqa: E402
-from conceptclef.pipeline.stacking import FittedEnsemble  # noqa: E402
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config  # noqa: E402
+from conceptclef.pipeline.image_sets import load_unlabelled_set  # noqa: E402
+from conceptclef.pipeline.stages.predict import RunModels, write_predictions  # noqa: E402
+from conceptclef.pipeline.stages.stacking import FittedEnsemble  # noqa: E402
+from conceptclef.pipeline.run.directory import Manifest, load_run_config  # noqa: E402
+from conceptclef.pipeline.run.layout import RunLayout
 
 
 def replicate_images(source: Path, count: int, target: Path) -> Path:

@@ -37,17 +37,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-
-from conceptclef.core.config import EnsembleConfig  # noqa: E402
-from conceptclef.ensemble.decoding import ExpectedF1Decoder  # noqa: E402
-from conceptclef.ensemble.features import build_pair_table  # noqa: E402
-from conceptclef.ensemble.folds import image_folds  # noqa: E402
-from conceptclef.ensemble.mixing import mixture_at  # noqa: E402
-from conceptclef.ensemble.sparse_ops import as_score_csr  # noqa: E402
-from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_table, pair_labels, table_to_csr  # noqa: E402
-from conceptclef.ensemble.thresholds import ConceptThresholdTuner, tune_global_threshold  # noqa: E402
-from conceptclef.scoring.f1 import mean_sample_f1_sparse, sample_f1  # noqa: E402
-from synthetic_stacking import make_synthetic_set  # noqa: E402
+from conceptclef.core.config import EnsembleConfig
+from conceptclef.ensemble.decoding import ExpectedF1Decoder
+from conceptclef.ensemble.features import build_pair_table
+from conceptclef.ensemble.folds import image_folds
+from conceptclef.ensemble.mixing import mixture_at
+from conceptclef.ensemble.sparse_ops import as_score_csr
+from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_table, pair_labels, table_to_csr
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner, tune_global_threshold
+from conceptclef.scoring.f1 import mean_sample_f1_sparse, sample_f1
+from synthetic_stacking import make_synthetic_set
 
 IMAGECLEF_2020_VALIDATION_IMAGES = 15_970
 IMAGECLEF_2020_TEST_IMAGES = 3_534

@@ -89,7 +89,7 @@ class TrainingConfig:
     lr_reduce_patience: int = checked(1, ge=0)
     lr_reduce_factor: float = checked(0.3, gt=0, le=1)
     unfreeze_every_epochs: int = checked(1, ge=1)  # layerwise: one more block of the backbone per this many epochs
-    # Fine-tuning recipe (training.schedule, training.head_warmup); the defaults are the plain loop.
+    # Fine-tuning recipe (training.schedule; the head warm-up in training.loop); the defaults are the plain loop.
     head_warmup_epochs: int = checked(0, ge=0)  # full/layerwise: first train the head alone on cached backbone features
     head_warmup_learning_rate: float = checked(0.0, ge=0)  # the head's rate in that warm-up (0: learning_rate)
     backbone_lr_factor: float = checked(1.0, gt=0)  # the top backbone group learns at learning_rate x this
@@ -115,7 +115,7 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class GlobalModelVariant(TrainingConfig):
+class ExtraGlobalModel(TrainingConfig):
     """One more global model (another backbone or resolution): a stacker input of its own.
 
     Keys left out of its [[extra_global_models]] table take the [global_model] values of the
@@ -201,7 +201,7 @@ class Config:
     router: TrainingConfig = field(default_factory=TrainingConfig)
     global_model: TrainingConfig = field(default_factory=TrainingConfig)
     category_model: TrainingConfig = field(default_factory=TrainingConfig)
-    extra_global_models: tuple[GlobalModelVariant, ...] = ()
+    extra_global_models: tuple[ExtraGlobalModel, ...] = ()
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     categories: CategoryConfig = field(default_factory=CategoryConfig)
 
@@ -236,7 +236,7 @@ def config_from_dict(
     """
     origin = _Origin(str(source), text, overrides or {})
     config = _build(Config, _inherit_global_model(raw), (), origin)
-    _check_global_variants(config, str(source), text)
+    _check_extra_global_models(config, str(source), text)
     for section in ("router", "global_model"):
         if getattr(config, section).init_from != "weights":
             raise ConfigError(
@@ -247,31 +247,31 @@ def config_from_dict(
 
 def _inherit_global_model(raw: dict[str, Any]) -> dict[str, Any]:
     """Each [[extra_global_models]] entry over the [global_model] table, so it lists only what differs."""
-    variants = raw.get("extra_global_models")
-    if not isinstance(variants, list) or not isinstance(raw.get("global_model", {}), dict):
+    extras = raw.get("extra_global_models")
+    if not isinstance(extras, list) or not isinstance(raw.get("global_model", {}), dict):
         return raw
     try:
         base = dataclasses.asdict(_build(TrainingConfig, raw.get("global_model", {}), ("global_model",), _Origin("", "", {})))
     except ConfigError:
         return raw  # the full build reports [global_model]'s error with its file and line
-    merged = [{**base, **variant} if isinstance(variant, dict) else variant for variant in variants]
+    merged = [{**base, **extra} if isinstance(extra, dict) else extra for extra in extras]
     return {**raw, "extra_global_models": merged}
 
 
-def _check_global_variants(config: "Config", source: str, text: str) -> None:
+def _check_extra_global_models(config: "Config", source: str, text: str) -> None:
     seen: set[str] = set()
-    for variant in config.extra_global_models:
-        line = next((n for n, row in enumerate(text.splitlines(), 1) if re.match(rf"""^\s*name\s*=\s*["']{re.escape(variant.name)}["']""", row)), None)
+    for extra in config.extra_global_models:
+        line = next((n for n, row in enumerate(text.splitlines(), 1) if re.match(rf"""^\s*name\s*=\s*["']{re.escape(extra.name)}["']""", row)), None)
         where = f"{source}:{line}" if line else source
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", variant.name):
-            raise ConfigError(f"{where}: extra_global_models name {variant.name!r} must be letters, digits, '_', '.', '-' (it names RUN/global-<name>/)")
-        if variant.name in seen:
-            raise ConfigError(f"{where}: extra_global_models name {variant.name!r} is used twice")
-        if variant.image_size < 0:
-            raise ConfigError(f"{where}: extra_global_models {variant.name!r}: image_size must be >= 0 (0: data.image_size)")
-        if variant.init_from != "weights":
-            raise ConfigError(f"{where}: extra_global_models {variant.name!r}: only [category_model] can start from the global model (init_from)")
-        seen.add(variant.name)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", extra.name):
+            raise ConfigError(f"{where}: extra_global_models name {extra.name!r} must be letters, digits, '_', '.', '-' (it names RUN/global-<name>/)")
+        if extra.name in seen:
+            raise ConfigError(f"{where}: extra_global_models name {extra.name!r} is used twice")
+        if extra.image_size < 0:
+            raise ConfigError(f"{where}: extra_global_models {extra.name!r}: image_size must be >= 0 (0: data.image_size)")
+        if extra.init_from != "weights":
+            raise ConfigError(f"{where}: extra_global_models {extra.name!r}: only [category_model] can start from the global model (init_from)")
+        seen.add(extra.name)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 import numpy as np
+import scipy.sparse as sp
 
 from conceptclef.core.partial_files import create_partial
 
@@ -68,3 +69,29 @@ def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
     """Load an .npz written by atomic_save_arrays without allowing pickled objects."""
     with np.load(Path(path), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+def sparse_arrays(matrix: sp.spmatrix | sp.sparray, binary: bool = False) -> dict[str, np.ndarray]:
+    """A CSR matrix as the named arrays a run file stores: data (left out when `binary`: all ones),
+    indices, indptr, shape."""
+    csr = sp.csr_matrix(matrix)
+    arrays = {"indices": csr.indices, "indptr": csr.indptr, "shape": np.array(csr.shape)}
+    return arrays if binary else {"data": csr.data, **arrays}
+
+
+def sparse_from_arrays(arrays: dict[str, np.ndarray]) -> sp.csr_matrix:
+    """The CSR matrix `sparse_arrays` stored; a binary one (no data array) holds float32 ones."""
+    data = arrays["data"] if "data" in arrays else np.ones(len(arrays["indices"]), np.float32)
+    return sp.csr_matrix((data, arrays["indices"], arrays["indptr"]), shape=tuple(int(size) for size in arrays["shape"]))
+
+
+def atomic_save_sparse(path: Path | str, matrix: sp.spmatrix | sp.sparray, binary: bool = False, **arrays: np.ndarray) -> None:
+    """Save a sparse matrix, with other named arrays beside it, as one .npz (see `sparse_arrays`)."""
+    atomic_save_arrays(path, **arrays, **sparse_arrays(matrix, binary))
+
+
+def load_sparse(path: Path | str) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
+    """The matrix `atomic_save_sparse` wrote, and the other arrays of the file."""
+    arrays = load_arrays(path)
+    others = {name: value for name, value in arrays.items() if name not in ("data", "indices", "indptr", "shape")}
+    return sparse_from_arrays(arrays), others

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from conceptclef.data.concepts import read_cui_names
 from conceptclef.data.errors import ConceptFileError
-from conceptclef.pipeline.concept_report import band_summary, band_summary_markdown, concept_report, frequency_bands
+from conceptclef.pipeline.stages.concept_report import band_summary, band_summary_markdown, concept_report, frequency_bands
 
 CUIS = ["C0000001", "C0000002", "C0000003", "C0000004"]
 

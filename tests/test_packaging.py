@@ -41,7 +41,7 @@ def test_wheel_installs_one_top_level_import_name(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"conceptclef"}
-    for package in ("router", "category_models", "ensemble", "core", "data", "training", "pipeline", "scoring"):
+    for package in ("router", "category_models", "ensemble", "core", "data", "training", "pipeline", "scoring", "pipeline/run", "pipeline/stages", "pipeline/devices"):
         assert f"conceptclef/{package}/__init__.py" in names
     assert "conceptclef/cli.py" in names
     assert "conceptclef/configs/cpu.toml" in names

@@ -16,7 +16,7 @@ from cli_helpers import TEST_CONFIG, invoke, train
 from conceptclef.core.config import apply_overrides, load_config
 from conceptclef.data.demo import make_demo_dataset
 from conceptclef.data.errors import DataError
-from conceptclef.pipeline.datasets import UNCATEGORISED, load_training_sets
+from conceptclef.pipeline.image_sets import UNCATEGORISED, load_training_sets
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
 
 

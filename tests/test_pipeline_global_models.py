@@ -17,15 +17,17 @@ import torch
 from cli_helpers import invoke, run_cli, train
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import TrainingConfig, load_config
-from conceptclef.pipeline import tta
-from conceptclef.pipeline.base_models import PREDICTIONS_FILE, ModelPredictions
-from conceptclef.pipeline.datasets import load_training_sets
+from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.stages.train_networks import ModelPredictions
+from conceptclef.pipeline.image_sets import load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.global_models import config_at_image_size
-from conceptclef.pipeline.predict import RunModels, predict_submission
-from conceptclef.pipeline.run_directory import Manifest, RunLayout
-from conceptclef.pipeline.specialist_init import INIT_FILE, specialist_training
-from conceptclef.pipeline.train_all import ModelJob, dependency_waves, train_all
+from conceptclef.pipeline.image_sets import config_at_image_size
+from conceptclef.pipeline.run.networks import run_networks
+from conceptclef.pipeline.stages.predict import RunModels, predict_submission
+from conceptclef.pipeline.run.directory import Manifest
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.run.specialist_init import specialist_training
+from conceptclef.pipeline.stages.train_all import ModelJob, dependency_waves, train_all
 from conceptclef.training.backbones import create_network
 from conceptclef.training.checkpoints import load_checkpoint, save_checkpoint
 
@@ -69,7 +71,7 @@ def test_specialist_backbone_starts_as_the_fine_tuned_global_backbone(specialist
         assert torch.equal(start[key], value), key
         differs_from_own_start |= not torch.equal(imagenet_like[key], value)
     assert differs_from_own_start, "the global model did not fine-tune its backbone: the test would prove nothing"
-    record = json.loads((layout.category_dir(category) / INIT_FILE).read_text())
+    record = json.loads((layout.category_dir(category) / "init.json").read_text())
     assert record["init_from"] == "global" and len(record["global_checkpoint_sha256"]) == 64
     # The specialist trains its head only (test config): its finished backbone IS the global one.
     assert config.category_model.finetune == "head"
@@ -94,9 +96,9 @@ def test_a_changed_global_model_invalidates_its_specialists(specialist_run, demo
     assert refused.exit_code != 0 and "started from an older global model" in str(refused.exception) + refused.output
 
     train_all(demo_dataset, specialist_run)  # resume: retrains exactly the specialists
-    new_digest = json.loads((layout.category_dir(categories[0]) / INIT_FILE).read_text())["global_checkpoint_sha256"]
+    new_digest = json.loads((layout.category_dir(categories[0]) / "init.json").read_text())["global_checkpoint_sha256"]
     for category in categories:
-        record = json.loads((layout.category_dir(category) / INIT_FILE).read_text())
+        record = json.loads((layout.category_dir(category) / "init.json").read_text())
         assert record["global_checkpoint_sha256"] == new_digest
         assert (layout.category_dir(category) / "checkpoint.pt").read_bytes() != before[category], category
     predict_submission(specialist_run, demo_dataset / "test", tmp_path / "submission.tsv")
@@ -114,13 +116,16 @@ def test_specialists_from_global_need_the_global_model(demo_dataset, tmp_path):
 
 
 def test_parallel_waves_train_specialists_after_the_global_model():
-    from conceptclef.core.config import Config
+    from conceptclef.core.config import Config, ExtraGlobalModel
 
-    jobs = [ModelJob("DRAN", None, 11), ModelJob("router", None, 140), ModelJob("global", None, 140), ModelJob("global-b", None, 140)]
-    config = Config()
-    assert [[job.name for job in wave] for wave in dependency_waves(jobs, config)] == [["DRAN", "router", "global", "global-b"]]
+    def jobs(config: Config) -> list[ModelJob]:
+        networks = {network.name: network for network in run_networks(RunLayout(Path("run")), config, ["DRAN"])}
+        return [ModelJob(networks[name], None, size) for name, size in (("DRAN", 11), ("router", 140), ("global", 140), ("global-b", 140))]
+
+    config = Config(extra_global_models=(ExtraGlobalModel(name="b"),))
+    assert [[job.name for job in wave] for wave in dependency_waves(jobs(config))] == [["DRAN", "router", "global", "global-b"]]
     config = config.replace(category_model=TrainingConfig(init_from="global"))
-    assert [[job.name for job in wave] for wave in dependency_waves(jobs, config)] == [["router", "global", "global-b"], ["DRAN"]]
+    assert [[job.name for job in wave] for wave in dependency_waves(jobs(config))] == [["router", "global", "global-b"], ["DRAN"]]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +140,8 @@ def test_two_global_models_reach_the_stacker_predict_and_ablation(two_global_run
     stacker = json.loads((two_global_run / "ensemble" / "stacker.json").read_text())
     names = json.dumps(stacker)
     assert "global_prob:effnet" in names and "global_models_mean" in names and "rank:global:effnet" in names
-    extra = ModelPredictions.load(two_global_run / "global-effnet" / PREDICTIONS_FILE)
-    assert extra.probs.shape == ModelPredictions.load(two_global_run / "global" / PREDICTIONS_FILE).probs.shape
+    extra = ModelPredictions.load(two_global_run / "global-effnet" / "valid_predictions.npz")
+    assert extra.probs.shape == ModelPredictions.load(two_global_run / "global" / "valid_predictions.npz").probs.shape
     assert load_checkpoint(two_global_run / "global-effnet" / "checkpoint.pt")["image_size"] == 48
 
     layout = RunLayout(two_global_run)
@@ -159,7 +164,7 @@ def test_flip_tta_reads_validation_and_test_images_the_same_way(two_global_run, 
     config = load_config(layout.config_path)
     models = RunModels.load(layout, Manifest.load(layout), config)
     _, valid = load_training_sets(demo_dataset, config)
-    saved = ModelPredictions.load(layout.global_dir / PREDICTIONS_FILE)
+    saved = ModelPredictions.load(layout.global_dir / "valid_predictions.npz")
     # The extra model left flip_tta out, so it took [global_model]'s value.
     assert models.global_model.training.flip_tta and models.extra_global_models["effnet"].training.flip_tta
     plain = models.global_model.predict_proba(valid.images)
@@ -169,8 +174,8 @@ def test_flip_tta_reads_validation_and_test_images_the_same_way(two_global_run, 
     # The test path: predict's outputs on these images equal the saved validation ones.
     outputs = models.predict(valid, lambda size: load_training_sets(demo_dataset, config_at_image_size(config, size))[1])
     np.testing.assert_allclose(outputs.global_probs, saved.probs, atol=1e-5)
-    np.testing.assert_allclose(outputs.router_probs, ModelPredictions.load(layout.router_dir / PREDICTIONS_FILE).probs, atol=1e-5)
-    np.testing.assert_allclose(outputs.extra_global_probs["effnet"], ModelPredictions.load(layout.root / "global-effnet" / PREDICTIONS_FILE).probs, atol=1e-5)
+    np.testing.assert_allclose(outputs.router_probs, ModelPredictions.load(layout.router_dir / "valid_predictions.npz").probs, atol=1e-5)
+    np.testing.assert_allclose(outputs.extra_global_probs["effnet"], ModelPredictions.load(layout.root / "global-effnet" / "valid_predictions.npz").probs, atol=1e-5)
 
 
 def test_flip_tta_gives_a_symmetric_image_its_plain_probabilities(tmp_path):

@@ -16,7 +16,7 @@ import torch
 # Spawned workers import this module to unpickle the toy jobs below: the pipeline (timm,
 # LightGBM, ...) is imported inside the tests that use it, so that a toy worker starts quickly.
 from cli_helpers import TEST_CONFIG, invoke, run_cli, train
-from conceptclef.pipeline.parallel import ParallelTrainingError, run_on_devices, threads_per_worker
+from conceptclef.pipeline.devices.workers import ParallelTrainingError, run_on_devices, threads_per_worker
 
 CATEGORIES = ["DRAN", "DRCO", "DRCT", "DRMR", "DRPE", "DRUS", "DRXR"]
 # Workers use 1 CPU thread each where the sequential run uses every core, so float reductions run
@@ -126,9 +126,13 @@ def test_devices_under_torchrun_are_refused(demo, tmp_path, monkeypatch):
 
 
 def test_jobs_start_largest_first():
-    from conceptclef.pipeline.train_all import ModelJob, largest_first
+    from conceptclef.core.config import Config
+    from conceptclef.pipeline.run.networks import run_networks
+    from conceptclef.pipeline.run.layout import RunLayout
+    from conceptclef.pipeline.stages.train_all import ModelJob, largest_first
 
-    jobs = [ModelJob("DRAN", None, 11), ModelJob("router", None, 140), ModelJob("DRCT", None, 39), ModelJob("global", None, 140)]
+    networks = {network.name: network for network in run_networks(RunLayout(Path("run")), Config(), ["DRAN", "DRCT"])}
+    jobs = [ModelJob(networks[name], None, size) for name, size in (("DRAN", 11), ("router", 140), ("DRCT", 39), ("global", 140))]
     assert [job.name for job in largest_first(jobs)] == ["global", "router", "DRCT", "DRAN"]
 
 

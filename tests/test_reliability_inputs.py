@@ -35,8 +35,8 @@ from conceptclef.data.demo import make_demo_dataset
 from conceptclef.data.errors import ConceptFileError
 from conceptclef.data.images import load_resized_array
 from conceptclef.data.submission import write_submission
-from conceptclef.pipeline.datasets import load_training_sets
-from conceptclef.pipeline.evaluate import evaluate_submission, validate_submission_file
+from conceptclef.pipeline.image_sets import load_training_sets
+from conceptclef.pipeline.stages.evaluate import evaluate_submission, validate_submission_file
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / "configs" / "test.toml"

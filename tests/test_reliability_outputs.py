@@ -193,7 +193,7 @@ def test_a_moved_weight_file_blocks_only_the_resume_that_must_train_a_network(tr
 
 def test_upload_zip_beside_a_foreign_file_is_refused_before_work(tmp_path):
     """`--zip` must not replace an existing zip unless predict wrote the submission beside it."""
-    from conceptclef.pipeline.output_paths import OutputPathError, check_upload_zip_path, probabilities_path_for
+    from conceptclef.pipeline.run.output_paths import OutputPathError, check_upload_zip_path, probabilities_path_for
 
     submission, upload = tmp_path / "submission.csv", tmp_path / "submission.zip"
     upload.write_bytes(b"someone else's upload")

@@ -29,10 +29,10 @@ from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_text
 from conceptclef.data.cache import ImageCache
 from conceptclef.data.demo import make_demo_dataset
 from conceptclef.data.submission import write_submission
-from conceptclef.pipeline.data_fingerprint import FINGERPRINT_FILE, DataFingerprint, check_data_unchanged
-from conceptclef.pipeline.datasets import load_training_sets
+from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unchanged
+from conceptclef.pipeline.image_sets import load_training_sets
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.run_lock import run_lock
+from conceptclef.pipeline.run.lock import run_lock
 from test_reliability_inputs import data, pristine  # noqa: F401 - the same small demo dataset and its fresh copies
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
@@ -98,8 +98,8 @@ def _relabel_first_valid_image(data: Path) -> str:
 def test_unchanged_data_give_the_same_fingerprint(data, tmp_path):
     first = _fingerprint(data)
     assert first.differences(_fingerprint(data)) == []
-    first.save(tmp_path / FINGERPRINT_FILE)
-    assert DataFingerprint.load(tmp_path / FINGERPRINT_FILE).differences(first) == []
+    first.save(tmp_path / "data.json")
+    assert DataFingerprint.load(tmp_path / "data.json").differences(first) == []
 
 
 def test_relabelled_validation_image_is_named(data, tmp_path):
@@ -189,8 +189,9 @@ def test_read_only_data_folder_caches_inside_the_run(data, tmp_path, read_only):
         f"""
         from pathlib import Path
         from conceptclef.core.config import load_config
-        from conceptclef.pipeline.datasets import load_training_sets
-        from conceptclef.pipeline.run_directory import RunLayout, image_cache_dir
+        from conceptclef.pipeline.image_sets import load_training_sets
+        from conceptclef.pipeline.run.directory import image_cache_dir
+        from conceptclef.pipeline.run.layout import RunLayout
         config = load_config({str(TEST_CONFIG)!r})
         cache = image_cache_dir(Path({str(data)!r}), config, RunLayout(Path({str(run)!r})))
         train, valid = load_training_sets(Path({str(data)!r}), config, cache)
@@ -210,7 +211,7 @@ def test_read_only_data_folder_caches_inside_the_run(data, tmp_path, read_only):
 
 _HOLD_LOCK = """
 import sys, time
-from conceptclef.pipeline.run_lock import run_lock
+from conceptclef.pipeline.run.lock import run_lock
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)

@@ -10,7 +10,7 @@ import pytest
 from conceptclef.data.errors import SubmissionError
 from conceptclef.data.submission import write_submission
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline.evaluate import evaluate_submission
+from conceptclef.pipeline.stages.evaluate import evaluate_submission
 from conceptclef.scoring.f1 import image_f1, mean_sample_f1_sparse, per_image_f1_sparse, sample_f1
 
 A, B, C, D = "C0000001", "C0000002", "C0000003", "C0000004"

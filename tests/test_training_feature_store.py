@@ -14,7 +14,7 @@ import torch
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import load_config
-from conceptclef.pipeline.datasets import SubsetImages
+from conceptclef.pipeline.image_sets import SubsetImages
 from conceptclef.router import ModalityRouter
 from conceptclef.training.backbones import ImageClassifier, create_network
 from conceptclef.training.batches import ImageBatches, batch_loader

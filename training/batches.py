@@ -16,7 +16,6 @@ gradient (averaged by DDP, see `training_batch_sizes`) stay those of one process
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -181,6 +180,3 @@ def _reseed_worker(rank: int, worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
-
-def batch_count(size: int, batch_size: int) -> int:
-    return math.ceil(size / batch_size)

@@ -2,7 +2,7 @@
 
 An image array is identified by its root and the root rows it shows: a memory-mapped file by
 (path, device, inode, size, mtime, offset, shape, dtype) captured when it is first seen, plus a
-digest of a few sampled rows; a row subset (`pipeline.datasets.SubsetImages`, anything with
+digest of a few sampled rows; a row subset (`pipeline.image_sets.SubsetImages`, anything with
 `parent` and `indices`) by its parent's identity and its indices; an in-memory array by a hash of
 its bytes. The image size is part of the shape. Anything else is not identified (never shared).
 Not detected: a memmap file rewritten IN PLACE while mapped (data.cache never does that; it
@@ -28,7 +28,7 @@ _SAMPLED_ROWS = 8
 
 @runtime_checkable
 class RowSubset(Protocol):
-    """An image array whose row i is parent[indices[i]] (pipeline.datasets.SubsetImages)."""
+    """An image array whose row i is parent[indices[i]] (pipeline.image_sets.SubsetImages)."""
 
     parent: Any
     indices: np.ndarray

@@ -115,9 +115,7 @@ class FitResult:
     history: list[dict[str, Any]]
     best_epoch: int
     best_metric: float
-    best_valid_outputs: np.ndarray
     stopped_early: bool
-    resumed_at_epoch: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -339,7 +337,7 @@ class Trainer:
                 best_outputs = outputs
             if on_epoch_end is not None:
                 on_epoch_end(dict(record))
-        return self._finish(valid[1], best_outputs, summarize, resumed_at)
+        return self._finish(valid[1], best_outputs, summarize)
 
     def _run_epoch(self, epoch: int, valid_targets: Targets) -> tuple[dict[str, Any], np.ndarray, bool]:
         """Train and validate one epoch, update early stopping, save its files; (record, outputs, improved)."""
@@ -520,7 +518,6 @@ class Trainer:
         valid_targets: Targets,
         best_outputs: np.ndarray | None,
         summarize: Callable[[np.ndarray], dict[str, Any]] | None,
-        resumed_at: int,
     ) -> FitResult:
         """Load the best weights, summarise them on validation, mark the run finished, drop resume.pt."""
         files, progress = self.files, self.progress
@@ -546,9 +543,7 @@ class Trainer:
             history=progress.history,
             best_epoch=progress.best_epoch,
             best_metric=progress.best_metric,
-            best_valid_outputs=best_outputs,
             stopped_early=stopped_early,
-            resumed_at_epoch=resumed_at,
             summary=summary,
         )
 

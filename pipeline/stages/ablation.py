@@ -23,7 +23,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from conceptclef.core.config import Config
-from conceptclef.core.runfiles import load_arrays
 from conceptclef.data.concepts import read_category_file, read_concept_file
 from conceptclef.data.concepts import read_cui_names
 from conceptclef.data.modalities import ModalityMapping, derive_categories
@@ -34,17 +33,16 @@ from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.mixing import assigned_block, category_positions, routed_index
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
-from conceptclef.pipeline.base_models import read_confusion
-from conceptclef.pipeline.concept_report import concept_report
-from conceptclef.pipeline.category_record import categories_from_labels
-from conceptclef.pipeline.datasets import load_unlabelled_set
+from conceptclef.pipeline.stages.train_networks import read_confusion
+from conceptclef.pipeline.stages.concept_report import concept_report
+from conceptclef.pipeline.run.category_record import categories_from_labels
+from conceptclef.pipeline.image_sets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.global_models import variant_names
-from conceptclef.pipeline.predict import RunModels, unlabelled_images_at_size
-from conceptclef.pipeline.reports import write_ablation_report
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
-from conceptclef.pipeline.stacking import (
-    VALID_TRUTH_FILE,
+from conceptclef.pipeline.stages.predict import RunModels, unlabelled_images_at_size
+from conceptclef.pipeline.stages.reports import write_ablation_report
+from conceptclef.pipeline.run.directory import Manifest, load_run_config
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.stages.stacking import (
     BaseOutputs,
     FittedEnsemble,
     load_oof_probabilities,
@@ -142,9 +140,9 @@ def run_ablation(
     if (images_dir is None) != (truth_path is None):
         raise RunDirectoryError("ablation: give both --images and --gt, or neither (validation figures)")
     names = _concept_names(manifest, cui_names_path)
-    vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
+    vocabulary = ConceptVocabulary.load(layout.files(layout.global_dir).vocabulary)
     ensemble = FittedEnsemble.load(layout, config, manifest, vocabulary)
-    validation = _validation_outputs(layout, manifest, vocabulary, variant_names(config))
+    validation = _validation_outputs(layout, manifest, config)
     if images_dir is None:
         rows, labelled, stacked_probs = _validation_rows(layout, config, vocabulary, validation, ensemble)
         source = "validation (out-of-fold)"
@@ -182,19 +180,15 @@ def _concept_names(manifest: Manifest, cui_names_path: Path | None) -> dict[str,
     return read_cui_names(default) if default.is_file() else None
 
 
-def _validation_outputs(layout: RunLayout, manifest: Manifest, vocabulary: ConceptVocabulary, extra_global_models: list[str]) -> LabelledOutputs:
-    outputs = load_validation_outputs(layout, manifest, extra_global_models)
-    image_ids, truth, outside, categories = load_validation_truth(layout)
-    if image_ids != outputs.image_ids:
+def _validation_outputs(layout: RunLayout, manifest: Manifest, config: Config) -> LabelledOutputs:
+    outputs = load_validation_outputs(layout, manifest, config)
+    saved = load_validation_truth(layout)
+    if saved.image_ids != outputs.image_ids:
         raise RunDirectoryError(f"{layout.ensemble_dir}: saved validation truth does not match the saved predictions")
-    secondary_outside = load_arrays(layout.ensemble_dir / VALID_TRUTH_FILE).get("secondary_outside")
-    if secondary_outside is None:
+    if saved.secondary_outside is None:
         log.warning("%s: made before the secondary score was saved; secondary CUIs outside the vocabulary are not counted "
-                    "(rerun `train-all --only ensemble` to count them)", layout.ensemble_dir / VALID_TRUTH_FILE)
-    return LabelledOutputs(outputs, truth, outside, categories, secondary_outside)
-
-
-RowDecider = Callable[[], sp.csr_matrix]
+                    "(rerun `train-all --only ensemble` to count them)", layout.validation_truth_path)
+    return LabelledOutputs(outputs, saved.truth, saved.outside, saved.categories, saved.secondary_outside)
 
 
 def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocabulary, labelled: LabelledOutputs, ensemble: FittedEnsemble):

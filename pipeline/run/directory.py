@@ -1,4 +1,4 @@
-"""The run directory: where each stage's files live, and the manifest that ties them to the data.
+"""The run directory's manifest and config: what ties a run to its data and settings.
 
 A run directory is all `predict` needs, so it records the categories, the vocabularies'
 fingerprints and the resolved config; anything that does not match is refused with a clear
@@ -18,48 +18,12 @@ from conceptclef.core.config import Config, ConfigError, apply_overrides, load_c
 from conceptclef.core.partial_files import create_partial
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import is_main_process
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
 log = logging.getLogger("conceptclef")
 
 MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Paths of one run directory."""
-
-    root: Path
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
-
-    @property
-    def router_dir(self) -> Path:
-        return self.root / "router"
-
-    @property
-    def global_dir(self) -> Path:
-        return self.root / "global"
-
-    def category_dir(self, category: str) -> Path:
-        return self.root / f"category-{category}"
-
-    @property
-    def ensemble_dir(self) -> Path:
-        return self.root / "ensemble"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
-
-    def fallback_path(self, category: str) -> Path:
-        return self.category_dir(category) / "fallback.json"
 
 
 @dataclass

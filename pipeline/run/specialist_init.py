@@ -28,13 +28,11 @@ import torch
 from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_output, atomic_write_json, read_json
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import barrier, is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.devices.ranks import barrier, is_main_process
+from conceptclef.pipeline.run.layout import BACKBONE_PREFIX, RunLayout
 from conceptclef.training.checkpoints import RunFiles
 from conceptclef.training.weights import read_state_dict
 
-INIT_FILE = "init.json"
-BACKBONE_PREFIX = "backbone-"
 
 
 def starts_from_global(config: Config) -> bool:
@@ -55,7 +53,7 @@ def global_checkpoint_digest(layout: RunLayout) -> str:
 
 def export_global_backbone(layout: RunLayout, digest: str) -> Path:
     """The global backbone's weights in a file named by `digest` (written once, atomically)."""
-    target = layout.global_dir / f"{BACKBONE_PREFIX}{digest[:16]}.pth"
+    target = layout.files(layout.global_dir).exported_backbone(digest)
     if is_main_process() and not target.is_file():
         state = read_state_dict(RunFiles(layout.global_dir).best)
         backbone = {key: value for key, value in state.items() if key.startswith("backbone.")}
@@ -78,13 +76,13 @@ def specialist_training(config: Config, layout: RunLayout, work_dir: Path) -> Tr
     weights = export_global_backbone(layout, digest)
     if is_main_process():
         work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(work_dir / INIT_FILE, {"init_from": "global", "global_checkpoint_sha256": digest, "weights": weights.name})
+        atomic_write_json(layout.files(work_dir).init_record, {"init_from": "global", "global_checkpoint_sha256": digest, "weights": weights.name})
     return dataclasses.replace(config.category_model, weights=str(weights.resolve()))
 
 
 def started_from_current_global(layout: RunLayout, work_dir: Path) -> bool:
     """True when the specialist in `work_dir` started from the global checkpoint the run holds now."""
-    record = work_dir / INIT_FILE
+    record = layout.files(work_dir).init_record
     if not record.is_file() or not RunFiles(layout.global_dir).best.is_file():
         return False
     return read_json(record).get("global_checkpoint_sha256") == global_checkpoint_digest(layout)

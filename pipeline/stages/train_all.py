@@ -2,10 +2,10 @@
 
 Every stage leaves its files in the run directory and is skipped when they are complete, so
 rerunning the same command after a crash continues where it stopped, provided the data are the
-ones the run recorded (pipeline/data_fingerprint.py); one process at a time holds a run directory
-(pipeline/run_lock.py). This module decides what to
-train; the base models then train one after the other here, or side by side on several devices
-through `pipeline.parallel`.
+ones the run recorded (pipeline/run/fingerprint.py); one process at a time holds a run directory
+(pipeline/run/lock.py). This module walks the run's table of networks (pipeline/run/networks.py)
+to decide what to train; the networks then train one after the other here, or side by side on
+several devices through `pipeline.devices.workers`.
 """
 
 from __future__ import annotations
@@ -19,42 +19,31 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from conceptclef.category_models import ConceptModel
-from conceptclef.core.config import Config, ConfigError
+from conceptclef.core.config import Config, ConfigError, TrainingConfig
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.errors import DataError
 from conceptclef.data.modalities import UNROUTED
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, train_concept_stage, train_router_stage
-from conceptclef.pipeline.category_record import write_category_record
-from conceptclef.pipeline.data_fingerprint import DataFingerprint, check_data_unchanged
-from conceptclef.pipeline.datasets import ImageSet, load_training_sets, routable_categories
+from conceptclef.pipeline.stages.train_networks import train_concept_model, train_router
+from conceptclef.pipeline.run.category_record import write_category_record
+from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unchanged
+from conceptclef.pipeline.image_sets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.global_models import (
-    STAGE_PREFIX,
-    config_at_image_size,
-    same_images,
-    stage_name,
-    variant_by_stage,
-    variant_dir,
-    variant_image_size,
-    variant_training,
-)
-from conceptclef.pipeline.parallel import check_devices, run_on_devices
-from conceptclef.pipeline.preflight import SettingOrigin, check_data_fits, check_machine
-from conceptclef.pipeline.ranks import barrier, is_main_process
-from conceptclef.pipeline.run_directory import (
+from conceptclef.pipeline.devices.workers import check_devices, run_on_devices
+from conceptclef.pipeline.run.preflight import SettingOrigin, check_data_fits, check_machine
+from conceptclef.pipeline.devices.ranks import barrier, is_main_process
+from conceptclef.pipeline.run.directory import (
     Manifest,
-    RunLayout,
     image_cache_dir,
     resolve_run_config,
     saved_ensemble_config,
     write_run_config,
 )
-from conceptclef.pipeline.run_lock import check_run_directory_writable, run_lock
-from conceptclef.pipeline.specialist_init import specialist_training, started_from_current_global, starts_from_global
-from conceptclef.pipeline.stacking import fit_ensemble_stage
-from conceptclef.router import router_class_for
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.run.lock import check_run_directory_writable, run_lock
+from conceptclef.pipeline.run.networks import Network, Role, every_kind_settings, extra_global_name, run_networks
+from conceptclef.pipeline.run.specialist_init import specialist_training
+from conceptclef.pipeline.stages.stacking import fit_ensemble
 from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")
@@ -76,7 +65,7 @@ def train_all(
     fitted_ensemble = saved_ensemble_config(layout)
     config = resolve_run_config(layout, config_path, overrides)
     origin = SettingOrigin(config_path, overrides, layout.config_path)
-    check_machine(config, origin, _networks_to_train(layout, only, config), check_device=not devices)  # --devices: checked above
+    check_machine(config, origin, _settings_to_check(layout, only, config), check_device=not devices)  # --devices: checked above
     check_run_directory_writable(layout.root)
     seed_everything(config.seed)
     cache_dir = image_cache_dir(Path(data_dir), config, layout)
@@ -110,7 +99,7 @@ def _train_all_locked(
         manifest.forget_finished(["ensemble"], layout)
     write_run_config(layout, config)
     barrier()
-    stages = _plan_stages(categories, only, [stage_name(variant) for variant in config.extra_global_models])
+    stages = _plan_stages(categories, only, [extra_global_name(extra) for extra in config.extra_global_models])
     log.info("run %s: %d train / %d valid images, categories %s", layout.root, len(train.records), len(valid.records), ", ".join(categories))
 
     global_vocabulary = ConceptVocabulary.from_concept_lists(train.concept_lists, min_count=config.data.min_concept_count)
@@ -133,10 +122,11 @@ def _train_all_locked(
     if "ensemble" in stages and is_main_process():
         missing = _missing_base_models(layout, manifest, config)
         if missing:
-            raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(missing)}")
+            names = [network.name if reason == "not trained" else f"{network.name} ({reason})" for network, reason in missing]
+            raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(names)}")
         # Asked for by name, the ensemble is re-fitted from the saved predictions even when done.
         if "ensemble" not in manifest.finished_stages or (only and "ensemble" in only):
-            fit_ensemble_stage(layout, config, manifest, train, valid, global_vocabulary)
+            fit_ensemble(layout, config, manifest, train, valid, global_vocabulary)
             manifest.mark_finished("ensemble", layout)
     manifest.save(layout)
     return manifest
@@ -144,15 +134,15 @@ def _train_all_locked(
 
 @dataclass(frozen=True)
 class ModelJob:
-    """One base network to train: which one, with which vocabulary (None: the router)."""
+    """One network to train, with its vocabulary (None: the router)."""
 
-    name: str  # "router", "global" or a category
+    network: Network
     vocabulary: ConceptVocabulary | None
     train_images: int  # how big a job it is, for scheduling
 
     @property
-    def is_category(self) -> bool:
-        return self.name not in ("router", "global") and not self.name.startswith(STAGE_PREFIX)
+    def name(self) -> str:
+        return self.network.name
 
 
 def _pending_models(
@@ -165,67 +155,60 @@ def _pending_models(
     valid: ImageSet,
     global_vocabulary: ConceptVocabulary,
 ) -> list[ModelJob]:
-    """The base models still to train, in the sequential order; records category decisions in the manifest."""
-    jobs = []
-    if "router" in stages and not _finished(layout.router_dir, router_class_for(categories), PREDICTIONS_FILE):
-        jobs.append(ModelJob("router", None, len(train.records)))
-    global_finished = _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE) and (layout.global_dir / TRAIN_EMBEDDINGS_FILE).is_file()
-    if "global" in stages and not global_finished:
-        jobs.append(ModelJob("global", global_vocabulary, len(train.records)))
-    for variant in config.extra_global_models:
-        if stage_name(variant) in stages and not _finished(variant_dir(layout, variant.name), ConceptModel, PREDICTIONS_FILE):
-            jobs.append(ModelJob(stage_name(variant), global_vocabulary, len(train.records)))
-    global_queued = any(job.name == "global" for job in jobs)
-    for category in categories:
-        if category in stages:
-            vocabulary = _decide_category(layout, manifest, config, category, train, valid)
+    """The networks still to train, in the table's order; records category decisions in the manifest."""
+    networks = run_networks(layout, config, categories)
+    by_name = {network.name: network for network in networks}
+    jobs: list[ModelJob] = []
+    for network in networks:
+        if network.name not in stages:
+            continue
+        vocabulary: ConceptVocabulary | None = None if network.role is Role.ROUTER else global_vocabulary
+        if network.category is not None:
+            vocabulary = _decide_category(layout, manifest, config, network.category, train, valid)
             if vocabulary is None:
-                continue
-            work_dir = layout.category_dir(category)
-            current = _finished(work_dir, ConceptModel, PREDICTIONS_FILE) and (
-                not starts_from_global(config) or (not global_queued and started_from_current_global(layout, work_dir))
-            )
-            if current:
-                continue
-            if starts_from_global(config) and not global_queued and not global_finished:
+                continue  # the category uses the global model
+        queued = {job.name for job in jobs}
+        reason = network.stale_reason(layout, retraining=queued)
+        if reason is None:
+            continue
+        for dependency in network.depends_on:
+            if dependency not in queued and not by_name[dependency].is_finished():
                 raise RunDirectoryError(
-                    f"{layout.global_dir}: category {category} starts from the global model (category_model.init_from = \"global\"), "
-                    "which is not trained; add global to --only"
+                    f"{by_name[dependency].work_dir}: {network.description} starts from {by_name[dependency].description} "
+                    f"(category_model.init_from = \"global\"), which is not trained; add {dependency} to --only"
                 )
-            if _finished(work_dir, ConceptModel, PREDICTIONS_FILE):
-                log.warning("category %s: started from an older global model; it is retrained from the current one", category)
-            jobs.append(ModelJob(category, vocabulary, len(_members(train, category))))
+        if network.is_finished():
+            log.warning("%s: %s; it is retrained", network.name, reason)
+        images = len(_members(train, network.category)) if network.category is not None else len(train.records)
+        jobs.append(ModelJob(network, vocabulary, images))
     return jobs
 
 
 def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path | None = None) -> None:
-    """Train one base model into its work directory (and nowhere else).
+    """Train one network into its work directory (and nowhere else).
 
-    `data_dir` is needed only by an extra global model at another image size (its own image cache).
+    `data_dir` is needed only by a network at another image size than the run's (its own image cache).
     """
-    variant = variant_by_stage(config, job.name)
-    if job.name == "router":
-        train_router_stage(layout, config, train, valid)
-    elif job.name == "global":
-        assert job.vocabulary is not None
-        train_concept_stage(layout.global_dir, config, train, job.vocabulary, valid, valid, train_all_images=train, is_global=True)
-    elif variant is not None:
-        assert job.vocabulary is not None
-        size = variant_image_size(variant, config)
-        if size != config.data.image_size:
-            if data_dir is None:
-                raise ValueError(f"{job.name}: an extra global model at {size} px needs the data folder")
-            resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, size))
-            train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
-        work_dir = variant_dir(layout, variant.name)
-        train_concept_stage(work_dir, config, train, job.vocabulary, valid, valid, settings=variant_training(variant), image_size=size)
-    else:
-        assert job.vocabulary is not None
-        category_train = train.subset(_members(train, job.name))
-        category_valid = valid.subset(_members(valid, job.name))
-        work_dir = layout.category_dir(job.name)
-        settings = specialist_training(config, layout, work_dir)
-        train_concept_stage(work_dir, config, category_train, job.vocabulary, category_valid, valid, settings=settings)
+    network = job.network
+    if network.role is Role.ROUTER:
+        train_router(layout, config, train, valid)
+        return
+    assert job.vocabulary is not None
+    if network.image_size != config.data.image_size:
+        if data_dir is None:
+            raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
+        resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size))
+        train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
+    if network.category is None:
+        train_concept_model(
+            network.work_dir, config, train, job.vocabulary, valid, valid,
+            train_all_images=train, is_global=network.role is Role.GLOBAL, settings=network.settings, image_size=network.image_size,
+        )
+        return
+    category_train = train.subset(_members(train, network.category))
+    category_valid = valid.subset(_members(valid, network.category))
+    settings = specialist_training(config, layout, network.work_dir) if network.depends_on else network.settings
+    train_concept_model(network.work_dir, config, category_train, job.vocabulary, category_valid, valid, settings=settings)
 
 
 def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path) -> None:
@@ -235,9 +218,12 @@ def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, 
 
 
 def largest_first(jobs: Sequence[ModelJob]) -> list[ModelJob]:
-    """The global model, then the router (both see every image), then categories by training images:
-    the longest jobs start first so that no worker is left with a big one at the end."""
-    return sorted(jobs, key=lambda job: (job.is_category, job.name != "global", -job.train_images, job.name))
+    """The global model, then the router and extra global models (all see every image), then
+    categories by training images: the longest jobs start first so that no worker is left with a
+    big one at the end."""
+    return sorted(
+        jobs, key=lambda job: (job.network.role is Role.CATEGORY, job.network.role is not Role.GLOBAL, -job.train_images, job.name)
+    )
 
 
 def _train_in_parallel(
@@ -251,7 +237,7 @@ def _train_in_parallel(
     valid: ImageSet,
 ) -> None:
     expected = _image_ids_digest(train, valid)
-    for wave in dependency_waves(jobs, config):
+    for wave in dependency_waves(jobs):
         run_on_devices(
             largest_first(wave),
             devices,
@@ -260,13 +246,19 @@ def _train_in_parallel(
         )
 
 
-def dependency_waves(jobs: Sequence[ModelJob], config: Config) -> list[list[ModelJob]]:
-    """Jobs that may run side by side: category models started from the global model wait for it."""
-    if not starts_from_global(config):
-        return [list(jobs)]
-    first = [job for job in jobs if not job.is_category]
-    second = [job for job in jobs if job.is_category]
-    return [wave for wave in (first, second) if wave]
+def dependency_waves(jobs: Sequence[ModelJob]) -> list[list[ModelJob]]:
+    """Jobs that may run side by side: a network waits for the jobs of the networks it depends on
+    (category models started from the global model wait for it)."""
+    waves: list[list[ModelJob]] = []
+    waiting = list(jobs)
+    while waiting:
+        names = {job.name for job in waiting}
+        ready = [job for job in waiting if not names.intersection(job.network.depends_on)]
+        if not ready:
+            raise ValueError(f"networks depend on each other in a circle: {', '.join(sorted(names))}")
+        waves.append(ready)
+        waiting = [job for job in waiting if job not in ready]
+    return waves
 
 
 @dataclass
@@ -356,10 +348,6 @@ def _plan_stages(categories: list[str], only: Sequence[str] | None, extra_global
     return set(only)
 
 
-def _finished(work_dir: Path, model_class: type, predictions_file: str) -> bool:
-    return model_class.is_trained(work_dir) and (work_dir / predictions_file).is_file()
-
-
 def _members(image_set: ImageSet, category: str) -> np.ndarray:
     return np.flatnonzero(np.array([str(c) for c in image_set.categories]) == category)
 
@@ -399,37 +387,17 @@ def _decide_category(
     return vocabulary
 
 
-def _networks_to_train(layout: RunLayout, only: Sequence[str] | None, config: Config) -> set[str]:
-    """Config sections of the networks this command may still train: all for a new run, none when a
-    resume only re-fits the ensemble (that needs neither the weight files nor the training device)."""
+def _settings_to_check(layout: RunLayout, only: Sequence[str] | None, config: Config) -> list[tuple[str, TrainingConfig]]:
+    """Settings of the networks this command may still train: all for a new run, none when a resume
+    only re-fits the ensemble (that needs neither the weight files nor the training device)."""
     if not layout.manifest_path.is_file():
-        return {"router", "global_model", "category_model"}
-    missing = [name for name in _missing_base_models(layout, Manifest.load(layout), config) if not only or name in only]
-    return {_network_section(name) for name in missing}
+        return every_kind_settings(config)
+    missing = [network for network, _ in _missing_base_models(layout, Manifest.load(layout), config) if not only or network.name in only]
+    return [(network.settings_key, network.settings) for network in missing]
 
 
-def _network_section(model: str) -> str:
-    """The config section whose weights and device a missing model needs (extra global models: [global_model]'s)."""
-    if model == "router":
-        return "router"
-    return "global_model" if model == "global" or model.startswith(STAGE_PREFIX) else "category_model"
-
-
-def _missing_base_models(layout: RunLayout, manifest: Manifest, config: Config) -> list[str]:
-    missing = []
-    if not _finished(layout.router_dir, router_class_for(manifest.categories), PREDICTIONS_FILE):
-        missing.append("router")
-    if not _finished(layout.global_dir, ConceptModel, PREDICTIONS_FILE):
-        missing.append("global")
-    for variant in config.extra_global_models:
-        if not _finished(variant_dir(layout, variant.name), ConceptModel, PREDICTIONS_FILE):
-            missing.append(stage_name(variant))
-    for category in manifest.categories:
-        if category in manifest.fallback_categories:
-            continue
-        work_dir = layout.category_dir(category)
-        if not _finished(work_dir, ConceptModel, PREDICTIONS_FILE):
-            missing.append(category)
-        elif starts_from_global(config) and not started_from_current_global(layout, work_dir):
-            missing.append(f"{category} (started from an older global model)")
-    return missing
+def _missing_base_models(layout: RunLayout, manifest: Manifest, config: Config) -> list[tuple[Network, str]]:
+    """The run's networks that are not finished or out of date, each with the reason."""
+    networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories)
+    stale = [(network, network.stale_reason(layout)) for network in networks]
+    return [(network, reason) for network, reason in stale if reason is not None]

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.layout import discover_categories
-from conceptclef.pipeline.datasets import UNCATEGORISED, ImageSet
-from conceptclef.pipeline.ranks import is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.image_sets import UNCATEGORISED, ImageSet
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
-CATEGORY_RECORD_FILE = "categories.json"
 FROM_FOLDERS, FROM_LABELS, ONE_CATEGORY = "folders", "modality CUIs", "one category"
 
 
@@ -31,7 +30,7 @@ def write_category_record(layout: RunLayout, data_dir: Path, train: ImageSet, va
             for name, image_set in (("train", train), ("valid", valid))
         },
     }
-    path = layout.root / CATEGORY_RECORD_FILE
+    path = layout.category_record_path
     if is_main_process() and not (path.is_file() and read_json(path) == record):
         atomic_write_json(path, record)
     return record
@@ -39,5 +38,5 @@ def write_category_record(layout: RunLayout, data_dir: Path, train: ImageSet, va
 
 def categories_from_labels(layout: RunLayout) -> bool:
     """Whether the run derived its categories from modality CUIs (runs before this file: no)."""
-    path = layout.root / CATEGORY_RECORD_FILE
+    path = layout.category_record_path
     return path.is_file() and read_json(path).get("source") == FROM_LABELS

@@ -16,28 +16,24 @@ import numpy as np
 import scipy.sparse as sp
 
 from conceptclef.core.config import Config
-from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
+from conceptclef.core.runfiles import atomic_save_arrays, atomic_save_sparse, atomic_write_json, load_arrays, load_sparse, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.decoding import choose_decision_rule, load_decision, save_decision
 from conceptclef.ensemble.features import feature_names_for
 from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
 from conceptclef.ensemble.knn import NearestNeighbourScorer
 from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
-from conceptclef.pipeline.base_models import PREDICTIONS_FILE, TRAIN_EMBEDDINGS_FILE, ModelPredictions
-from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.stages.train_networks import ModelPredictions
+from conceptclef.pipeline.image_sets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.global_models import variant_dir, variant_names
-from conceptclef.pipeline.run_directory import Manifest, RunLayout
-from conceptclef.pipeline.validation_scores import out_of_fold_decisions, validation_scores
+from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Role, run_networks
+from conceptclef.pipeline.run.directory import Manifest
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.stages.validation_scores import out_of_fold_decisions, validation_scores
 from conceptclef.scoring.secondary import outside_counts as secondary_outside_counts
 
 log = logging.getLogger("conceptclef")
 
-STATISTICS_FILE = "concept_statistics.npz"
-KNN_INDEX_FILE = "knn_index.npz"
-OOF_FILE = "oof_predictions.npz"
-ENSEMBLE_FILE = "ensemble.json"
-VALID_TRUTH_FILE = "valid_truth.npz"
 
 
 @dataclass
@@ -83,61 +79,38 @@ class ConceptStatistics:
 
 
 def save_knn_index(path: Path, embeddings: np.ndarray, labels: sp.csr_matrix) -> None:
-    labels = sp.csr_matrix(labels, dtype=np.float32)
-    atomic_save_arrays(
-        path,
-        embeddings=embeddings.astype(np.float32),
-        indptr=labels.indptr,
-        indices=labels.indices,
-        shape=np.array(labels.shape),
-    )
+    atomic_save_sparse(path, sp.csr_matrix(labels, dtype=np.float32), binary=True, embeddings=embeddings.astype(np.float32))
 
 
 def load_knn_scorer(path: Path, n_neighbours: int) -> NearestNeighbourScorer:
-    arrays = load_arrays(path)
-    labels = sp.csr_matrix(
-        (np.ones(len(arrays["indices"]), np.float32), arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"])
-    )
+    labels, arrays = load_sparse(path)
     return NearestNeighbourScorer(n_neighbours=n_neighbours).fit(arrays["embeddings"], labels)
 
 
-def load_validation_outputs(layout: RunLayout, manifest: Manifest, extra_global_models: list[str] | tuple[str, ...] = ()) -> BaseOutputs:
-    """The base models' saved predictions on the validation images, aligned by image id."""
-    router = ModelPredictions.load(layout.router_dir / PREDICTIONS_FILE)
-    global_predictions = ModelPredictions.load(layout.global_dir / PREDICTIONS_FILE)
-    image_ids = global_predictions.image_ids
-    if router.image_ids != image_ids:
-        raise RunDirectoryError(f"{layout.router_dir / PREDICTIONS_FILE}: validation images differ from the global model's")
-    category_probs: dict[str, np.ndarray] = {}
-    category_cuis: dict[str, list[str]] = {}
-    for category in active_categories(manifest):
-        predictions = ModelPredictions.load(layout.category_dir(category) / PREDICTIONS_FILE)
-        if predictions.image_ids != image_ids:
-            raise RunDirectoryError(f"{layout.category_dir(category) / PREDICTIONS_FILE}: validation images differ from the global model's")
-        category_probs[category] = predictions.probs
-        category_cuis[category] = list(ConceptVocabulary.load(layout.category_dir(category) / "vocabulary.json").cuis)
-    extra_probs: dict[str, np.ndarray] = {}
-    for name in extra_global_models:
-        path = variant_dir(layout, name) / PREDICTIONS_FILE
-        predictions = ModelPredictions.load(path)
-        if predictions.image_ids != image_ids:
-            raise RunDirectoryError(f"{path}: validation images differ from the global model's")
-        extra_probs[name] = predictions.probs
+def load_validation_outputs(layout: RunLayout, manifest: Manifest, config: Config) -> BaseOutputs:
+    """The saved predictions on the validation images of every network in the run's table, aligned by image id."""
+    networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories)
+    saved = {network.name: ModelPredictions.load(network.files.validation_predictions) for network in networks}
+    image_ids = saved["global"].image_ids
+    for network in networks:
+        if saved[network.name].image_ids != image_ids:
+            raise RunDirectoryError(f"{network.files.validation_predictions}: validation images differ from the global model's")
+    global_embeddings = saved["global"].embeddings
+    if global_embeddings is None:
+        raise RunDirectoryError(f"{layout.files(layout.global_dir).validation_predictions}: holds no embeddings (the kNN queries)")
+    categories = [network for network in networks if network.role is Role.CATEGORY]
     return BaseOutputs(
         image_ids=image_ids,
-        router_probs=router.probs,
+        router_probs=saved["router"].probs,
         router_categories=list(manifest.categories),
-        global_probs=global_predictions.probs,
-        global_embeddings=global_predictions.embeddings,
-        category_probs=category_probs,
-        category_cuis=category_cuis,
-        extra_global_probs=extra_probs,
+        global_probs=saved["global"].probs,
+        global_embeddings=global_embeddings,
+        category_probs={network.name: saved[network.name].probs for network in categories},
+        category_cuis={network.name: list(ConceptVocabulary.load(network.files.vocabulary).cuis) for network in categories},
+        extra_global_probs={
+            network.name.removeprefix(EXTRA_GLOBAL_PREFIX): saved[network.name].probs for network in networks if network.role is Role.EXTRA_GLOBAL
+        },
     )
-
-
-def active_categories(manifest: Manifest) -> list[str]:
-    """Categories with a model of their own (the others fall back to the global model)."""
-    return [category for category in manifest.categories if category not in manifest.fallback_categories]
 
 
 def to_stacking_inputs(
@@ -163,7 +136,7 @@ def to_stacking_inputs(
     )
 
 
-def fit_ensemble_stage(
+def fit_ensemble(
     layout: RunLayout,
     config: Config,
     manifest: Manifest,
@@ -174,23 +147,24 @@ def fit_ensemble_stage(
     """Fit the stacker (cross-fitted) and pick and tune the decision rule on validation."""
     ensemble_dir = layout.ensemble_dir
     statistics = ConceptStatistics.from_training(train, vocabulary, manifest.categories)
-    statistics.save(ensemble_dir / STATISTICS_FILE)
-    train_embeddings = ModelPredictions.load(layout.global_dir / TRAIN_EMBEDDINGS_FILE)
-    if train_embeddings.image_ids != train.image_ids:
-        raise RunDirectoryError(f"{layout.global_dir / TRAIN_EMBEDDINGS_FILE}: training images differ from the data's")
-    save_knn_index(ensemble_dir / KNN_INDEX_FILE, train_embeddings.embeddings, train.labels(vocabulary))
-    knn = load_knn_scorer(ensemble_dir / KNN_INDEX_FILE, config.ensemble.knn_neighbours)
+    statistics.save(layout.concept_statistics_path)
+    embeddings_path = layout.files(layout.global_dir).train_embeddings
+    train_embeddings = ModelPredictions.load(embeddings_path)
+    if train_embeddings.image_ids != train.image_ids or train_embeddings.embeddings is None:
+        raise RunDirectoryError(f"{embeddings_path}: training images differ from the data's")
+    save_knn_index(layout.knn_index_path, train_embeddings.embeddings, train.labels(vocabulary))
+    knn = load_knn_scorer(layout.knn_index_path, config.ensemble.knn_neighbours)
 
-    outputs = load_validation_outputs(layout, manifest, variant_names(config))
+    outputs = load_validation_outputs(layout, manifest, config)
     by_id = {image_id: index for index, image_id in enumerate(valid.image_ids)}
     if [by_id.get(image_id) for image_id in outputs.image_ids] != list(range(len(valid.image_ids))):
-        raise RunDirectoryError(f"{layout.global_dir / PREDICTIONS_FILE}: validation images differ from the data's")
+        raise RunDirectoryError(f"{layout.files(layout.global_dir).validation_predictions}: validation images differ from the data's")
     inputs = to_stacking_inputs(outputs, vocabulary, statistics, knn)
     truth = valid.labels(vocabulary)
     truth_outside = vocabulary.outside_counts(valid.concept_lists)
     secondary_outside = secondary_outside_counts(valid.concept_lists, vocabulary.cuis)
     save_validation_truth(
-        ensemble_dir / VALID_TRUTH_FILE, valid.image_ids, truth, truth_outside, [str(c) for c in valid.categories], secondary_outside
+        layout.validation_truth_path, valid.image_ids, truth, truth_outside, [str(c) for c in valid.categories], secondary_outside
     )
 
     log.info("ensemble: cross-fitting the stacker over %d folds", config.ensemble.folds)
@@ -208,17 +182,9 @@ def fit_ensemble_stage(
     )
     cross_fit.stacker.save(ensemble_dir)
     save_decision(ensemble_dir, rule, decider, scores)
-    oof = sp.csr_matrix(cross_fit.oof_probs, dtype=np.float32)
-    atomic_save_arrays(
-        ensemble_dir / OOF_FILE,
-        image_ids=np.array(outputs.image_ids),
-        data=oof.data,
-        indices=oof.indices,
-        indptr=oof.indptr,
-        shape=np.array(oof.shape),
-    )
+    atomic_save_sparse(layout.out_of_fold_path, sp.csr_matrix(cross_fit.oof_probs, dtype=np.float32), image_ids=np.array(outputs.image_ids))
     atomic_write_json(
-        ensemble_dir / ENSEMBLE_FILE,
+        layout.ensemble_record_path,
         {
             "rule": rule,
             "cross_validated_f1": scores,
@@ -243,36 +209,42 @@ def save_validation_truth(
     `secondary_outside` counts each image's secondary-list CUIs outside the vocabulary (misses of
     the secondary score that the matrix cannot show).
     """
-    truth = sp.csr_matrix(truth, dtype=np.float32)
     extra = {} if secondary_outside is None else {"secondary_outside": np.asarray(secondary_outside, dtype=np.int64)}
-    atomic_save_arrays(
+    atomic_save_sparse(
         path,
+        sp.csr_matrix(truth, dtype=np.float32),
+        binary=True,
         **extra,
         image_ids=np.array(image_ids),
-        indices=truth.indices,
-        indptr=truth.indptr,
-        shape=np.array(truth.shape),
         outside=np.asarray(outside, dtype=np.int64),
         categories=np.array(categories),
     )
 
 
-def load_validation_truth(layout: RunLayout) -> tuple[list[str], sp.csr_matrix, np.ndarray, list[str]]:
-    arrays = load_arrays(layout.ensemble_dir / VALID_TRUTH_FILE)
-    truth = sp.csr_matrix(
-        (np.ones(len(arrays["indices"]), np.float32), arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"])
-    )
-    return (
+@dataclass(frozen=True)
+class ValidationTruth:
+    """The validation truth a run keeps in RUN/ensemble (see `save_validation_truth`)."""
+
+    image_ids: list[str]
+    truth: sp.csr_matrix
+    outside: np.ndarray
+    categories: list[str]
+    secondary_outside: np.ndarray | None  # None in runs made before the secondary score was saved
+
+
+def load_validation_truth(layout: RunLayout) -> ValidationTruth:
+    truth, arrays = load_sparse(layout.validation_truth_path)
+    return ValidationTruth(
         [str(image_id) for image_id in arrays["image_ids"]],
         truth,
         arrays["outside"],
         [str(category) for category in arrays["categories"]],
+        arrays.get("secondary_outside"),
     )
 
 
 def load_oof_probabilities(layout: RunLayout) -> tuple[list[str], sp.csr_matrix]:
-    arrays = load_arrays(layout.ensemble_dir / OOF_FILE)
-    matrix = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))
+    matrix, arrays = load_sparse(layout.out_of_fold_path)
     return [str(image_id) for image_id in arrays["image_ids"]], matrix
 
 
@@ -289,17 +261,17 @@ class FittedEnsemble:
     @classmethod
     def load(cls, layout: RunLayout, config: Config, manifest: Manifest, vocabulary: ConceptVocabulary) -> "FittedEnsemble":
         ensemble_dir = layout.ensemble_dir
-        if "ensemble" not in manifest.finished_stages or not (ensemble_dir / ENSEMBLE_FILE).is_file():
+        if "ensemble" not in manifest.finished_stages or not layout.ensemble_record_path.is_file():
             raise RunDirectoryError(f"{layout.root}: the ensemble stage has not finished; rerun train-all")
-        record = read_json(ensemble_dir / ENSEMBLE_FILE)
+        record = read_json(layout.ensemble_record_path)
         if record["vocabulary"] != vocabulary.fingerprint() or record["categories"] != manifest.categories:
             raise RunDirectoryError(
-                f"{ensemble_dir / ENSEMBLE_FILE}: the ensemble was fitted for another vocabulary or category set; "
+                f"{layout.ensemble_record_path}: the ensemble was fitted for another vocabulary or category set; "
                 "rerun `train-all --only ensemble`"
             )
         rule, decider = load_decision(ensemble_dir)
         stacker = ConceptStacker.load(ensemble_dir)
-        if stacker.feature_names_ != feature_names_for(manifest.categories, variant_names(config)):
+        if stacker.feature_names_ != feature_names_for(manifest.categories, [extra.name for extra in config.extra_global_models]):
             raise RunDirectoryError(
                 f"{ensemble_dir / 'stacker.json'}: the stacker was fitted by another version of conceptclef "
                 "(different features); rerun `train-all --only ensemble` to re-fit it from the saved predictions"
@@ -308,6 +280,6 @@ class FittedEnsemble:
             stacker=stacker,
             decider=decider,
             rule=rule,
-            statistics=ConceptStatistics.load(ensemble_dir / STATISTICS_FILE),
-            knn=load_knn_scorer(ensemble_dir / KNN_INDEX_FILE, config.ensemble.knn_neighbours),
+            statistics=ConceptStatistics.load(layout.concept_statistics_path),
+            knn=load_knn_scorer(layout.knn_index_path, config.ensemble.knn_neighbours),
         )

@@ -17,19 +17,15 @@ from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline import tta
-from conceptclef.pipeline.datasets import ImageSet, routed_subset
-from conceptclef.pipeline.ranks import is_main_process
-from conceptclef.pipeline.run_directory import RunLayout
+from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.image_sets import ImageSet, routed_subset
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
 from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from conceptclef.training.feature_registry import feature_store_for
 
 log = logging.getLogger("conceptclef")
-
-PREDICTIONS_FILE = "valid_predictions.npz"
-TRAIN_EMBEDDINGS_FILE = "train_embeddings.npz"
-BASELINE_FILE = "baseline.json"
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ class ModelPredictions:
         )
 
 
-def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
+def train_router(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
     """Train the router (nothing to train for a single category) and save its validation probabilities."""
     work_dir = layout.router_dir
     all_valid = valid
@@ -74,7 +70,7 @@ def train_router_stage(layout: RunLayout, config: Config, train: ImageSet, valid
         )
         router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
     probs = tta.predict_proba(router, all_valid.images)  # the stacker needs the router's view of every image
-    ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(work_dir / PREDICTIONS_FILE)
+    ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(RunLayout.files(work_dir).validation_predictions)
     _write_confusion(work_dir, router.categories_, router.confusion_)
     if single:  # no trained router to hold against a baseline
         return router
@@ -94,7 +90,7 @@ def _write_baseline(work_dir: Path, metric: str, model_score: float, baseline: s
         log.warning("%s: validation %s %.4f does not beat the %s baseline (%.4f)", work_dir.name, metric, model_score, baseline, baseline_score)
     if is_main_process():
         atomic_write_json(
-            work_dir / BASELINE_FILE,
+            RunLayout.files(work_dir).baseline,
             {"metric": metric, "model": model_score, "baseline": baseline, "baseline_score": baseline_score, "beats_baseline": beats, **extra},
         )
 
@@ -102,15 +98,15 @@ def _write_baseline(work_dir: Path, metric: str, model_score: float, baseline: s
 def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarray) -> None:
     if not is_main_process():
         return
-    atomic_write_json(work_dir / "confusion.json", {"categories": list(categories), "matrix": np.asarray(confusion).tolist()})
+    atomic_write_json(RunLayout.files(work_dir).confusion, {"categories": list(categories), "matrix": np.asarray(confusion).tolist()})
 
 
 def read_confusion(layout: RunLayout) -> tuple[list[str], np.ndarray]:
-    payload = read_json(layout.router_dir / "confusion.json")
+    payload = read_json(layout.files(layout.router_dir).confusion)
     return payload["categories"], np.array(payload["matrix"], dtype=np.int64)
 
 
-def train_concept_stage(
+def train_concept_model(
     work_dir: Path,
     config: Config,
     training: "ImageSet",
@@ -132,7 +128,7 @@ def train_concept_stage(
     if settings is None:
         settings = config.global_model if is_global else config.category_model
     if is_main_process():
-        vocabulary.save(work_dir / "vocabulary.json")
+        vocabulary.save(RunLayout.files(work_dir).vocabulary)
     model = ConceptModel(
         settings, image_size or config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
     )
@@ -140,12 +136,12 @@ def train_concept_stage(
     model.fit(training.images, train_labels, list(vocabulary.cuis), valid_for_stopping.images, stopping_labels, work_dir)
     probs, embeddings = tta.predict_proba_and_embed(model, valid_all.images)
     ModelPredictions(valid_all.image_ids, probs.astype(np.float32), embeddings.astype(np.float32) if is_global else None).save(
-        work_dir / PREDICTIONS_FILE
+        RunLayout.files(work_dir).validation_predictions
     )
     if is_global and train_all_images is not None:
         train_embeddings = model.embed(train_all_images.images)
         ModelPredictions(train_all_images.image_ids, np.zeros((len(train_all_images.records), 0), np.float32), train_embeddings.astype(np.float32)).save(
-            work_dir / TRAIN_EMBEDDINGS_FILE
+            RunLayout.files(work_dir).train_embeddings
         )
     baseline, k = most_frequent_concepts_f1(train_labels, stopping_labels)
     _write_baseline(work_dir, "sample_f1", model.best_valid_f1_, "most frequent concepts", baseline, k=k)

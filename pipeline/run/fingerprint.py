@@ -34,13 +34,13 @@ from typing import Any, Mapping
 from conceptclef.core.runfiles import atomic_write_text, read_json
 from conceptclef.data.errors import DataError
 from conceptclef.data.layout import find_concept_file
-from conceptclef.pipeline.datasets import ImageSet
+from conceptclef.pipeline.image_sets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import is_main_process
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
 log = logging.getLogger("conceptclef")
 
-FINGERPRINT_FILE = "data.json"
 _FORMAT = "conceptclef-data-fingerprint-v1"
 _SHOWN = 3  # image IDs named per kind of change
 
@@ -155,7 +155,7 @@ def check_data_unchanged(run_root: Path, fingerprint: DataFingerprint, resuming:
     `resuming` is whether the run already holds trained work (a manifest): a run made before
     fingerprints existed has none recorded, so its current data are recorded with a warning.
     """
-    path = Path(run_root) / FINGERPRINT_FILE
+    path = RunLayout(Path(run_root)).fingerprint_path
     if not path.is_file():
         if resuming:
             log.warning("%s: this run recorded no data fingerprint (older conceptclef); recording the current data", run_root)

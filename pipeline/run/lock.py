@@ -22,9 +22,9 @@ from typing import Iterator
 
 from conceptclef.core.partial_files import create_partial, remove_leftover_partials
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.ranks import is_main_process
+from conceptclef.pipeline.devices.ranks import is_main_process
+from conceptclef.pipeline.run.layout import RunLayout
 
-LOCK_FILE = ".lock"
 
 
 def _cannot_write(root: Path, error: OSError) -> RunDirectoryError:
@@ -44,7 +44,7 @@ def check_run_directory_writable(root: Path | str) -> None:
     if not existing.is_dir():
         raise RunDirectoryError(f"{root}: {existing} is a file, so the run directory cannot be made; choose another --out")
     try:
-        handle, probe = create_partial(existing / LOCK_FILE)
+        handle, probe = create_partial(existing / RunLayout(root).lock_path.name)
         os.close(handle)
         probe.unlink()
     except OSError as error:
@@ -77,7 +77,7 @@ def run_lock(root: Path | str) -> Iterator[None]:
         yield
         return
     check_run_directory_writable(root)
-    path = root / LOCK_FILE
+    path = RunLayout(root).lock_path
     try:
         root.mkdir(parents=True, exist_ok=True)
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from conceptclef.core.runfiles import atomic_output, atomic_write_text  # noqa: E402
-from conceptclef.pipeline.concept_report import band_summary, band_summary_markdown  # noqa: E402
+from conceptclef.pipeline.stages.concept_report import band_summary, band_summary_markdown  # noqa: E402
 from conceptclef.scoring.f1 import per_image_f1_sparse  # noqa: E402
 
 

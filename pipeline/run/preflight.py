@@ -15,9 +15,6 @@ from typing import Iterable, Sequence
 
 from conceptclef.core.config import Config, ConfigError, TrainingConfig, locate_key
 
-NETWORK_SECTIONS = ("router", "global_model", "category_model")
-
-
 class SettingOrigin:
     """Where a resolved config value came from, for errors: a --set override, the config file, or the run."""
 
@@ -37,16 +34,20 @@ class SettingOrigin:
         return "default config"
 
 
-def check_machine(config: Config, origin: SettingOrigin, sections: Iterable[str] = NETWORK_SECTIONS, check_device: bool = True) -> None:
-    """The device exists and the weight source of each network still to train (`sections`) can be read."""
-    sections = [section for section in NETWORK_SECTIONS if section in set(sections)]
-    if sections and check_device:
+def check_machine(config: Config, origin: SettingOrigin, networks: Iterable[tuple[str, TrainingConfig]], check_device: bool = True) -> None:
+    """The device exists and the weight source of each network still to train can be read.
+
+    `networks`: the config key and settings of each network still to train (`Network.settings_key`
+    and `Network.settings` of the table in pipeline.run.networks, or `every_kind_settings(config)`).
+    """
+    to_check = list(networks)
+    if to_check and check_device:
         check_device_available(config.device, origin.where(("device",)))
-    for section in sections:
-        check_weight_source(getattr(config, section), section, origin)
-    if "global_model" in sections:  # each extra global model may name a backbone and weights of its own
-        for variant in config.extra_global_models:
-            check_weight_source(variant, f"extra_global_models.{variant.name}", origin)
+    checked: set[str] = set()
+    for key, training in to_check:
+        if key not in checked:  # one check per config table (every category model shares [category_model])
+            checked.add(key)
+            check_weight_source(training, key, origin)
 
 
 def check_device_available(device: str, where: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,8 @@ from conceptclef.data.errors import DataError, ImageReadError
 from conceptclef.data.layout import ImageRecord, LabelledSplit, list_image_folder, load_split
 from conceptclef.data.modalities import UNROUTED, ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.pipeline.ranks import main_process_first
+from conceptclef.pipeline.errors import RunDirectoryError
+from conceptclef.pipeline.devices.ranks import main_process_first
 
 log = logging.getLogger("conceptclef")
 
@@ -133,7 +134,7 @@ def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = 
     them) get their category from their modality CUIs (data.modalities, [categories] in the
     config); a split mixing both layouts is refused. Both concept files are read and every
     category assigned before any image is decoded, so a bad row fails in seconds, not after caching.
-    `cache_dir` overrides where the image cache goes (train-all: see run_directory.image_cache_dir).
+    `cache_dir` overrides where the image cache goes (train-all: see pipeline.run.directory.image_cache_dir).
     """
     data_dir = Path(data_dir)
     if cache_dir is None:
@@ -231,3 +232,19 @@ def _cite_concept_row(error: ImageReadError, split: LabelledSplit) -> ImageReadE
     if split.source is None or line is None:
         return error
     return ImageReadError(error.path, f"{error.message} (image {image_id!r}, listed at {split.source}:{line})")
+
+
+def config_at_image_size(config: Config, image_size: int) -> Config:
+    """The run's config with another image size: how a network at its own image size (an extra
+    global model) has its images cached and read."""
+    return config.replace(data=dataclasses.replace(config.data, image_size=image_size))
+
+
+def same_images(reference: ImageSet, other: ImageSet, where: Path | str) -> ImageSet:
+    """`other` (the same images at another size), refused when its images are not `reference`'s."""
+    if other.image_ids != reference.image_ids:
+        raise RunDirectoryError(f"{where}: the images read at another size differ from the run's; were files added or removed meanwhile?")
+    return other
+
+
+ImagesAtSize = Callable[[int], ImageSet]  # image size -> the same images read at that size

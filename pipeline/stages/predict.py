@@ -13,20 +13,20 @@ import scipy.sparse as sp
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, locate_key
-from conceptclef.core.runfiles import atomic_save_arrays
+from conceptclef.core.runfiles import atomic_save_sparse
 from conceptclef.data.submission import write_submission, write_upload_zip
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.nonempty import at_least_one_concept
-from conceptclef.pipeline import tta
-from conceptclef.pipeline.datasets import ImageSet, load_unlabelled_set
+from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.image_sets import ImagesAtSize, ImageSet, config_at_image_size, load_unlabelled_set, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
-from conceptclef.pipeline.global_models import ImagesAtSize, config_at_image_size, same_images, variant_dir
-from conceptclef.pipeline.preflight import check_device_available
-from conceptclef.pipeline.specialist_init import started_from_current_global, starts_from_global
-from conceptclef.pipeline.run_directory import Manifest, RunLayout, load_run_config
-from conceptclef.pipeline.stacking import BaseOutputs, FittedEnsemble, active_categories, to_stacking_inputs
-from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
+from conceptclef.pipeline.run.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
+from conceptclef.pipeline.run.preflight import check_device_available
+from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Network, Role, run_networks
+from conceptclef.pipeline.run.directory import Manifest, load_run_config
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.stages.stacking import BaseOutputs, FittedEnsemble, to_stacking_inputs
+from conceptclef.router import ModalityRouter, SingleCategoryRouter
 from conceptclef.training.feature_registry import feature_store_for
 
 log = logging.getLogger("conceptclef")
@@ -46,40 +46,37 @@ class RunModels:
 
     @classmethod
     def load(cls, layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels":
-        router_class = router_class_for(manifest.categories)
-        for name, work_dir, model_class in [("router", layout.router_dir, router_class), ("global", layout.global_dir, ConceptModel)]:
-            if not model_class.is_trained(work_dir):
-                raise RunDirectoryError(f"{work_dir}: the {name} model is not trained; rerun train-all")
+        """Every network of the run's table, each checked to be trained, current and on the run's vocabulary."""
+        networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories)
+        for network in networks:
+            if not network.is_trained():
+                raise RunDirectoryError(f"{network.work_dir}: {network.description} is not trained; rerun train-all")
+            outdated = network.outdated_reason(layout)
+            if outdated is not None:
+                raise RunDirectoryError(f"{network.work_dir}: {network.description} {outdated}; rerun train-all")
         features = feature_store_for(config.data)  # one frozen-backbone pass shared by all head-mode models
-        router = router_class.load(layout.router_dir, config.device, features)
-        if list(router.categories_) != list(manifest.categories):
-            raise RunDirectoryError(
-                f"{layout.router_dir}: router categories {router.categories_} differ from the run's {manifest.categories}"
-            )
-        vocabulary = ConceptVocabulary.load(layout.global_dir / "vocabulary.json")
-        if vocabulary.fingerprint() != manifest.global_vocabulary:
-            raise RunDirectoryError(f"{layout.global_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
-        global_model = ConceptModel.load(layout.global_dir, config.device, features)
-        category_models = {}
-        for category in active_categories(manifest):
-            work_dir = layout.category_dir(category)
-            if not ConceptModel.is_trained(work_dir):
-                raise RunDirectoryError(f"{work_dir}: the {category} model is not trained; rerun train-all")
-            category_vocabulary = ConceptVocabulary.load(work_dir / "vocabulary.json")
-            if category_vocabulary.fingerprint() != manifest.category_vocabularies.get(category):
-                raise RunDirectoryError(f"{work_dir / 'vocabulary.json'}: vocabulary differs from the run's manifest")
-            if starts_from_global(config) and not started_from_current_global(layout, work_dir):
-                raise RunDirectoryError(f"{work_dir}: the {category} model started from an older global model; rerun train-all")
-            category_models[category] = ConceptModel.load(work_dir, config.device, features)
-        extra_global_models = {}
-        for variant in config.extra_global_models:
-            work_dir = variant_dir(layout, variant.name)
-            if not ConceptModel.is_trained(work_dir):
-                raise RunDirectoryError(f"{work_dir}: the extra global model {variant.name} is not trained; rerun train-all")
-            model = ConceptModel.load(work_dir, config.device, features)
-            if list(model.cuis_) != list(vocabulary.cuis):
-                raise RunDirectoryError(f"{work_dir}: the extra global model {variant.name} has another vocabulary than the global model")
-            extra_global_models[variant.name] = model
+        router: ModalityRouter | SingleCategoryRouter | None = None
+        global_model: ConceptModel | None = None
+        vocabulary: ConceptVocabulary | None = None
+        category_models: dict[str, ConceptModel] = {}
+        extra_global_models: dict[str, ConceptModel] = {}
+        for network in networks:
+            model = network.model_class.load(network.work_dir, config.device, features)
+            if network.role is Role.ROUTER:
+                if list(model.categories_) != list(manifest.categories):
+                    raise RunDirectoryError(f"{network.work_dir}: router categories {model.categories_} differ from the run's {manifest.categories}")
+                router = model
+            elif network.role is Role.GLOBAL:
+                vocabulary = _checked_vocabulary(network, manifest.global_vocabulary)
+                global_model = model
+            elif network.role is Role.EXTRA_GLOBAL:
+                if vocabulary is None or list(model.cuis_) != list(vocabulary.cuis):
+                    raise RunDirectoryError(f"{network.work_dir}: {network.description} has another vocabulary than the global model")
+                extra_global_models[network.name.removeprefix(EXTRA_GLOBAL_PREFIX)] = model
+            else:
+                _checked_vocabulary(network, manifest.category_vocabularies.get(network.name, ""))
+                category_models[network.name] = model
+        assert router is not None and global_model is not None and vocabulary is not None  # the table always holds both
         return cls(router, global_model, category_models, vocabulary, extra_global_models)
 
     def predict(self, image_set: ImageSet, images_at_size: ImagesAtSize | None = None) -> BaseOutputs:
@@ -104,6 +101,14 @@ class RunModels:
             category_cuis={category: list(model.cuis_) for category, model in self.category_models.items()},
             extra_global_probs=extra_probs,
         )
+
+
+def _checked_vocabulary(network: Network, fingerprint: str) -> ConceptVocabulary:
+    """The network's saved vocabulary, refused when it is not the one the manifest recorded."""
+    vocabulary = ConceptVocabulary.load(network.files.vocabulary)
+    if vocabulary.fingerprint() != fingerprint:
+        raise RunDirectoryError(f"{network.files.vocabulary}: vocabulary differs from the run's manifest")
+    return vocabulary
 
 
 def unlabelled_images_at_size(images_dir: Path, config: Config, cache_dir: Path, reference: ImageSet) -> ImagesAtSize:
@@ -179,14 +184,11 @@ def write_predictions(
     predictions = decisions_to_concepts(decisions, outputs.image_ids, vocabulary, probs)
     write_submission(out_path, predictions, format=submission_format)
     probabilities_path = probabilities_path_for(out_path)
-    atomic_save_arrays(
+    atomic_save_sparse(
         probabilities_path,
+        probs,
         image_ids=np.array(outputs.image_ids),
         cuis=np.array(vocabulary.cuis),
-        data=probs.data,
-        indices=probs.indices,
-        indptr=probs.indptr,
-        shape=np.array(probs.shape),
         router_probs=outputs.router_probs.astype(np.float32),
         router_categories=np.array(outputs.router_categories),
     )

@@ -1,0 +1,147 @@
+"""Every path of a run directory, in one place.
+
+The names on disk are those runs have always used (tests and existing runs rely on them): a
+command asks `RunLayout` for a path instead of spelling a file name. Inside a network's work
+folder, `NetworkFiles` names the pipeline's files; the estimator's own (checkpoint.pt, resume.pt,
+state.json, metrics.csv, curves.png, head-warmup/) are `training.checkpoints.RunFiles`'s, and the
+fitted ensemble's own in RUN/ensemble/ (stacker.txt, stacker.json, decision.json,
+thresholds.json, expected_f1.json) are written by the estimators of `ensemble`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BACKBONE_PREFIX", "NetworkFiles", "RunLayout"]
+
+
+@dataclass(frozen=True)
+class NetworkFiles:
+    """The files the pipeline keeps in one network's work folder.
+
+    The estimator's own files there (checkpoint.pt, resume.pt, state.json, metrics.csv,
+    curves.png, head-warmup/) are named by `training.checkpoints.RunFiles`.
+    """
+
+    folder: Path
+
+    @property
+    def vocabulary(self) -> Path:
+        return self.folder / "vocabulary.json"
+
+    @property
+    def validation_predictions(self) -> Path:
+        """Probabilities (and, for the global model, embeddings) on every validation image."""
+        return self.folder / "valid_predictions.npz"
+
+    @property
+    def train_embeddings(self) -> Path:
+        """The global model's embeddings of the training images: the kNN index."""
+        return self.folder / "train_embeddings.npz"
+
+    @property
+    def baseline(self) -> Path:
+        return self.folder / "baseline.json"
+
+    @property
+    def confusion(self) -> Path:
+        return self.folder / "confusion.json"
+
+    @property
+    def init_record(self) -> Path:
+        """Which global checkpoint a specialist started from (category_model.init_from = "global")."""
+        return self.folder / "init.json"
+
+    @property
+    def fallback_record(self) -> Path:
+        """Why a category has no model of its own and uses the global model."""
+        return self.folder / "fallback.json"
+
+    def exported_backbone(self, digest: str) -> Path:
+        """The global model's backbone, named by its checkpoint's hash, that specialists start from."""
+        return self.folder / f"{BACKBONE_PREFIX}{digest[:16]}.pth"
+
+
+BACKBONE_PREFIX = "backbone-"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run directory; the on-disk names live here and nowhere else."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def lock_path(self) -> Path:
+        """Empty; flock held by the running train-all (pipeline.run.lock)."""
+        return self.root / ".lock"
+
+    @property
+    def fingerprint_path(self) -> Path:
+        """The data the run was trained on (pipeline.run.fingerprint)."""
+        return self.root / "data.json"
+
+    @property
+    def category_record_path(self) -> Path:
+        """Where the categories came from and images per category (pipeline.run.category_record)."""
+        return self.root / "categories.json"
+
+    @property
+    def router_dir(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def global_dir(self) -> Path:
+        return self.root / "global"
+
+    def extra_global_dir(self, name: str) -> Path:
+        return self.root / f"global-{name}"
+
+    def category_dir(self, category: str) -> Path:
+        return self.root / f"category-{category}"
+
+    @staticmethod
+    def files(work_dir: Path) -> NetworkFiles:
+        """The pipeline's files in a network's work folder."""
+        return NetworkFiles(work_dir)
+
+    def fallback_path(self, category: str) -> Path:
+        return self.files(self.category_dir(category)).fallback_record
+
+    @property
+    def ensemble_dir(self) -> Path:
+        return self.root / "ensemble"
+
+    @property
+    def concept_statistics_path(self) -> Path:
+        return self.ensemble_dir / "concept_statistics.npz"
+
+    @property
+    def knn_index_path(self) -> Path:
+        return self.ensemble_dir / "knn_index.npz"
+
+    @property
+    def out_of_fold_path(self) -> Path:
+        """The stacker's out-of-fold probabilities on the validation images."""
+        return self.ensemble_dir / "oof_predictions.npz"
+
+    @property
+    def ensemble_record_path(self) -> Path:
+        return self.ensemble_dir / "ensemble.json"
+
+    @property
+    def validation_truth_path(self) -> Path:
+        return self.ensemble_dir / "valid_truth.npz"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"

@@ -1,0 +1,110 @@
+"""The table of a run's networks (pipeline.run.networks), the run layout and the sparse run files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from conceptclef.category_models import ConceptModel
+from conceptclef.core.config import Config, ExtraGlobalModel, TrainingConfig
+from conceptclef.core.runfiles import atomic_save_sparse, load_arrays, load_sparse
+from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.pipeline.run.networks import Role, every_kind_settings, run_networks
+from conceptclef.router import ModalityRouter, SingleCategoryRouter
+
+
+class _AlwaysTrained:
+    """A model class whose work folder always holds a trained model (no checkpoint needed)."""
+
+    @staticmethod
+    def is_trained(work_dir: Path) -> bool:
+        return True
+
+    @classmethod
+    def load(cls, work_dir: Path, device: str = "auto", feature_store: object = None) -> "_AlwaysTrained":
+        return cls()
+
+
+def _config(init_from: str = "weights") -> Config:
+    return Config(
+        extra_global_models=(ExtraGlobalModel(name="big", image_size=48, backbone="test_resnet"),),
+        category_model=TrainingConfig(init_from=init_from),  # type: ignore[arg-type]
+    )
+
+
+def test_one_entry_per_network_in_training_order(tmp_path):
+    layout = RunLayout(tmp_path)
+    networks = run_networks(layout, _config(), ["DRCT", "DRXR", "DRUS"], without_model=["DRUS"])
+    assert [(n.name, n.role) for n in networks] == [
+        ("router", Role.ROUTER), ("global", Role.GLOBAL), ("global-big", Role.EXTRA_GLOBAL), ("DRCT", Role.CATEGORY), ("DRXR", Role.CATEGORY),
+    ]
+    assert [n.work_dir.name for n in networks] == ["router", "global", "global-big", "category-DRCT", "category-DRXR"]
+    assert networks[0].model_class is ModalityRouter and all(n.model_class is ConceptModel for n in networks[1:])
+    assert [n.image_size for n in networks] == [224, 224, 48, 224, 224]
+    assert [n.category for n in networks] == [None, None, None, "DRCT", "DRXR"]
+    assert [n.settings_key for n in networks] == ["router", "global_model", "extra_global_models.big", "category_model", "category_model"]
+    assert networks[2].settings.backbone == "test_resnet" and networks[3].settings == Config().category_model
+    assert all(n.depends_on == () for n in networks)
+    # One category: the router has nothing to learn.
+    assert run_networks(layout, Config(), ["ONLY"])[0].model_class is SingleCategoryRouter
+
+
+def test_every_kind_of_network_is_checked_before_a_new_run():
+    keys = [key for key, _ in every_kind_settings(_config())]
+    assert keys == ["router", "global_model", "extra_global_models.big", "category_model"]
+
+
+def test_a_specialist_is_stale_while_the_global_model_it_started_from_is_retrained_or_changed(tmp_path):
+    layout = RunLayout(tmp_path)
+    networks = {n.name: n for n in run_networks(layout, _config("global"), ["DRCT"])}
+    specialist = dataclasses.replace(networks["DRCT"], model_class=_AlwaysTrained)
+    assert specialist.depends_on == ("global",)
+    assert specialist.stale_reason(layout) == "not trained"  # no validation predictions yet
+    specialist.files.validation_predictions.parent.mkdir(parents=True)
+    specialist.files.validation_predictions.write_bytes(b"")
+    assert specialist.is_finished()
+    assert specialist.stale_reason(layout, retraining={"global"}) == "global is retrained"
+    # No global checkpoint (nor init.json) to have started from: out of date.
+    assert specialist.stale_reason(layout) == "started from an older global model"
+    independent = dataclasses.replace(run_networks(layout, _config(), ["DRCT"])[-1], model_class=_AlwaysTrained)
+    assert independent.stale_reason(layout, retraining={"global"}) is None
+
+
+def test_the_global_model_is_finished_only_with_its_training_embeddings(tmp_path):
+    layout = RunLayout(tmp_path)
+    global_model = dataclasses.replace(run_networks(layout, Config(), ["A", "B"])[1], model_class=_AlwaysTrained)
+    layout.global_dir.mkdir()
+    global_model.files.validation_predictions.write_bytes(b"")
+    assert not global_model.is_finished()
+    global_model.files.train_embeddings.write_bytes(b"")
+    assert global_model.is_finished()
+
+
+def test_layout_keeps_the_file_names_runs_have_on_disk(tmp_path):
+    layout = RunLayout(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in (
+        layout.lock_path, layout.fingerprint_path, layout.category_record_path, layout.extra_global_dir("b"),
+        layout.fallback_path("DRCO"), layout.knn_index_path, layout.out_of_fold_path, layout.validation_truth_path,
+        layout.concept_statistics_path, layout.ensemble_record_path, layout.files(layout.global_dir).train_embeddings,
+        layout.files(layout.router_dir).validation_predictions, layout.files(layout.category_dir("DRCT")).init_record,
+    )] == [
+        ".lock", "data.json", "categories.json", "global-b", "category-DRCO/fallback.json", "ensemble/knn_index.npz",
+        "ensemble/oof_predictions.npz", "ensemble/valid_truth.npz", "ensemble/concept_statistics.npz", "ensemble/ensemble.json",
+        "global/train_embeddings.npz", "router/valid_predictions.npz", "category-DRCT/init.json",
+    ]
+
+
+def test_sparse_run_files_round_trip_with_the_saved_keys(tmp_path):
+    matrix = sp.csr_matrix(np.array([[0.0, 0.25, 0.0], [0.5, 0.0, 0.75]], dtype=np.float32))
+    atomic_save_sparse(tmp_path / "probs.npz", matrix, image_ids=np.array(["a", "b"]))
+    loaded, others = load_sparse(tmp_path / "probs.npz")
+    assert (loaded != matrix).nnz == 0 and loaded.dtype == np.float32 and list(others["image_ids"]) == ["a", "b"]
+    assert set(load_arrays(tmp_path / "probs.npz")) == {"data", "indices", "indptr", "shape", "image_ids"}
+    # Binary matrices (truth, kNN labels) keep no data array: ones come back.
+    atomic_save_sparse(tmp_path / "truth.npz", matrix, binary=True)
+    assert "data" not in load_arrays(tmp_path / "truth.npz")
+    truth, _ = load_sparse(tmp_path / "truth.npz")
+    assert truth.shape == (2, 3) and truth.dtype == np.float32 and truth.toarray().tolist() == [[0, 1, 0], [1, 0, 1]]
