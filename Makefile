@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+test: install typecheck
 	$(PY) -m pytest -q -ra
 
 test-fast: install

@@ -8,7 +8,7 @@ import logging
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -29,7 +29,7 @@ def _user_errors(command: Callable) -> Callable:
     """
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         from conceptclef.core.termination import Terminated, sigterm_raises
         from conceptclef.pipeline.errors import USER_ERRORS
 

@@ -7,8 +7,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 from conceptclef.core.config import Config
@@ -49,7 +51,7 @@ class SubsetImages:
     def ndim(self) -> int:
         return self.parent.ndim
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> np.ndarray:
         rows = self.indices[key]
         if np.ndim(rows) == 0:
             return self.parent[int(rows)]
@@ -59,7 +61,7 @@ class SubsetImages:
         result[order] = gathered
         return result
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
         array = self[np.arange(len(self))]
         return array.astype(dtype) if dtype is not None else array
 
@@ -88,10 +90,15 @@ class ImageSet:
             concept_lists=None if self.concept_lists is None else [self.concept_lists[i] for i in indices],
         )
 
-    def labels(self, vocabulary: ConceptVocabulary) -> sp.csr_matrix:
+    @property
+    def known_concepts(self) -> list[list[str]]:
+        """The concept lists of a labelled set (train, valid); an unlabelled set has none to give."""
         if self.concept_lists is None:
             raise ValueError("this image set has no concepts")
-        return vocabulary.encode(self.concept_lists)
+        return self.concept_lists
+
+    def labels(self, vocabulary: ConceptVocabulary) -> sp.csr_matrix:
+        return vocabulary.encode(self.known_concepts)
 
 
 def cached_images(records: list[ImageRecord], config: Config, cache_dir: Path, keep_bad: bool) -> tuple[list[ImageRecord], np.ndarray, list[int]]:

@@ -194,7 +194,7 @@ _prepare: Callable[[str], Context] | None = None
 _context: Context = None
 
 
-def _bind_worker(free_devices, threads: int, log_level: int, prepare: Callable[[str], Context]) -> None:
+def _bind_worker(free_devices: "multiprocessing.queues.Queue[tuple[int, str]]", threads: int, log_level: int, prepare: Callable[[str], Context]) -> None:
     """ProcessPoolExecutor initializer: take a device for this worker's life and set it up."""
     global _device, _prepare
     import torch
@@ -210,7 +210,7 @@ def _bind_worker(free_devices, threads: int, log_level: int, prepare: Callable[[
         torch.cuda.set_device(torch.device(_device))
 
 
-def _run_job(work: Callable[[Job, Context], None], job: Job) -> JobOutcome:
+def _run_job(work: Callable[[JobT, Context], None], job: JobT) -> JobOutcome:
     """One job in this worker. The context is built lazily so its errors are reported with a job's name."""
     global _context
     start = time.monotonic()

@@ -143,7 +143,7 @@ def run_ablation(
     vocabulary = ConceptVocabulary.load(layout.files(layout.global_dir).vocabulary)
     ensemble = FittedEnsemble.load(layout, config, manifest, vocabulary)
     validation = _validation_outputs(layout, manifest, config)
-    if images_dir is None:
+    if images_dir is None or truth_path is None:  # both or neither: checked above
         rows, labelled, stacked_probs = _validation_rows(layout, config, vocabulary, validation, ensemble)
         source = "validation (out-of-fold)"
     else:
@@ -191,7 +191,9 @@ def _validation_outputs(layout: RunLayout, manifest: Manifest, config: Config) -
     return LabelledOutputs(outputs, saved.truth, saved.outside, saved.categories, saved.secondary_outside)
 
 
-def _validation_rows(layout: RunLayout, config: Config, vocabulary: ConceptVocabulary, labelled: LabelledOutputs, ensemble: FittedEnsemble):
+def _validation_rows(
+    layout: RunLayout, config: Config, vocabulary: ConceptVocabulary, labelled: LabelledOutputs, ensemble: FittedEnsemble
+) -> tuple[dict[str, sp.csr_matrix], LabelledOutputs, sp.csr_matrix]:
     outputs = labelled.outputs
     truth, outside = labelled.truth, labelled.truth_outside
     inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
@@ -263,7 +265,9 @@ def _test_outputs(
     )
 
 
-def _test_rows(config: Config, vocabulary: ConceptVocabulary, validation: LabelledOutputs, labelled: LabelledOutputs, ensemble: FittedEnsemble):
+def _test_rows(
+    config: Config, vocabulary: ConceptVocabulary, validation: LabelledOutputs, labelled: LabelledOutputs, ensemble: FittedEnsemble
+) -> tuple[dict[str, sp.csr_matrix], sp.csr_matrix]:
     def tuned(valid_probs: np.ndarray, test_probs: np.ndarray) -> sp.csr_matrix:
         tuner = make_tuner(config).fit(valid_probs, validation.truth, validation.truth_outside)
         return sp.csr_matrix(tuner.predict(test_probs), dtype=bool)

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from conceptclef.core.config import Config
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_save_sparse, atomic_write_json, load_arrays, load_sparse, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.ensemble.decoding import choose_decision_rule, load_decision, save_decision
+from conceptclef.ensemble.decoding import Decider, choose_decision_rule, load_decision, save_decision
 from conceptclef.ensemble.features import feature_names_for
 from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
 from conceptclef.ensemble.knn import NearestNeighbourScorer
@@ -161,8 +161,8 @@ def fit_ensemble(
         raise RunDirectoryError(f"{layout.files(layout.global_dir).validation_predictions}: validation images differ from the data's")
     inputs = to_stacking_inputs(outputs, vocabulary, statistics, knn)
     truth = valid.labels(vocabulary)
-    truth_outside = vocabulary.outside_counts(valid.concept_lists)
-    secondary_outside = secondary_outside_counts(valid.concept_lists, vocabulary.cuis)
+    truth_outside = vocabulary.outside_counts(valid.known_concepts)
+    secondary_outside = secondary_outside_counts(valid.known_concepts, vocabulary.cuis)
     save_validation_truth(
         layout.validation_truth_path, valid.image_ids, truth, truth_outside, [str(c) for c in valid.categories], secondary_outside
     )
@@ -253,7 +253,7 @@ class FittedEnsemble:
     """What predict needs from RUN/ensemble: stacker, decision rule, statistics, kNN index."""
 
     stacker: ConceptStacker
-    decider: object
+    decider: Decider
     rule: str
     statistics: ConceptStatistics
     knn: NearestNeighbourScorer

@@ -102,7 +102,7 @@ def _train_all_locked(
     stages = _plan_stages(categories, only, [extra_global_name(extra) for extra in config.extra_global_models])
     log.info("run %s: %d train / %d valid images, categories %s", layout.root, len(train.records), len(valid.records), ", ".join(categories))
 
-    global_vocabulary = ConceptVocabulary.from_concept_lists(train.concept_lists, min_count=config.data.min_concept_count)
+    global_vocabulary = ConceptVocabulary.from_concept_lists(train.known_concepts, min_count=config.data.min_concept_count)
     _check_vocabulary(layout, manifest, "global", global_vocabulary)
     manifest.global_vocabulary = global_vocabulary.fingerprint()
 
@@ -358,7 +358,7 @@ def _decide_category(
     """The category model's vocabulary, or None when the category uses the global model; recorded in the manifest."""
     members = _members(train, category)
     valid_members = _members(valid, category)
-    vocabulary = ConceptVocabulary.from_concept_lists(train.subset(members).concept_lists, min_count=config.data.min_concept_count)
+    vocabulary = ConceptVocabulary.from_concept_lists(train.subset(members).known_concepts, min_count=config.data.min_concept_count)
     only_category = len(manifest.categories) == 1
     too_few = only_category or len(members) < config.data.min_category_images or len(valid_members) == 0 or len(vocabulary) == 0
     if too_few:

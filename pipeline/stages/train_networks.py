@@ -61,17 +61,19 @@ def train_router(layout: RunLayout, config: Config, train: ImageSet, valid: Imag
     train, valid = routed_subset(train), routed_subset(valid)  # images without a derived category teach no class
     train_categories, valid_categories = [str(c) for c in train.categories], [str(c) for c in valid.categories]
     single = router_class_for(sorted(set(train_categories))) is SingleCategoryRouter
+    router: ModalityRouter | SingleCategoryRouter
     if single:
         router = SingleCategoryRouter().fit(train_categories, valid_categories, work_dir)
         log.info("router: one category (%s); every image goes to it, nothing to train", router.categories_[0])
     else:
-        router = ModalityRouter(
+        modality_router = ModalityRouter(
             config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
         )
-        router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
+        router = modality_router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
     probs = tta.predict_proba(router, all_valid.images)  # the stacker needs the router's view of every image
     ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(RunLayout.files(work_dir).validation_predictions)
-    _write_confusion(work_dir, router.categories_, router.confusion_)
+    if router.confusion_ is not None:  # a fitted router always has one
+        _write_confusion(work_dir, router.categories_, router.confusion_)
     if single:  # no trained router to hold against a baseline
         return router
     chance = majority_class_accuracy(np.array(train_categories), np.array(valid_categories))
