@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install typecheck
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -rfEs
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
