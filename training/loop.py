@@ -96,6 +96,14 @@ class Objective:
     metric_name: str
     metric: Callable[[np.ndarray, Targets], float]  # (validation probabilities, targets) -> higher is better
 
+    def on(self, device: torch.device | str) -> "Objective":
+        """The objective with its loss's buffers (class weights) on `device`, where the logits are.
+
+        Losses are built on the CPU from label counts; without this move a class-weighted loss
+        fails at the first CUDA step ('Expected all tensors to be on the same device').
+        """
+        return dataclasses.replace(self, loss=self.loss.to(device))
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -179,6 +187,7 @@ def fit_network(
     make_repeatable(settings.device)
     seed_everything(settings.seed)
     network.to(settings.device)
+    objective = objective.on(settings.device)
     if device_settings.channels_last:
         network.to(memory_format=torch.channels_last)
     # Also when resuming: the finished warm-up then only loads (and a resume.pt of another job
