@@ -58,6 +58,21 @@ def training_config_from_dict(values: dict[str, Any], source: Path | str = "chec
     return TrainingConfig(**values, augment=AugmentConfig(**augment))
 
 
+# Keys added after runs already existed: at their defaults they stay out of the job fingerprint,
+# so a run trained before they existed is still recognised as the same job (and not retrained).
+KEYS_FINGERPRINTED_WHEN_SET = ("amp_dtype", "deterministic", "validate_every_steps", "augment_on_device")
+
+
+def fingerprinted_settings(training: TrainingConfig) -> dict[str, Any]:
+    """The training settings that identify a job: every key, less later additions left at their defaults."""
+    values = dataclasses.asdict(training)
+    defaults = TrainingConfig()
+    for key in KEYS_FINGERPRINTED_WHEN_SET:
+        if values.get(key) == getattr(defaults, key):
+            values.pop(key, None)
+    return values
+
+
 def _targets_digest(targets: Targets) -> str:
     digest = hashlib.sha256()
     if sp.issparse(targets):
@@ -163,7 +178,7 @@ class NetworkEstimator:
     def _fingerprint(self, classes: list[str], targets: Targets, valid_targets: Targets, training: TrainingConfig | None = None) -> str:
         job = {
             "kind": self.kind,
-            "training": dataclasses.asdict(training or self.training),
+            "training": fingerprinted_settings(training or self.training),
             "image_size": self.image_size,
             "seed": self.seed,
             "classes": classes,

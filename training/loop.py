@@ -72,8 +72,8 @@ from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.runtime import (
     capture_rng_state,
+    configure_cudnn,
     epoch_seed,
-    make_repeatable,
     process_seed,
     report_training_from_scratch,
     restore_rng_state,
@@ -184,7 +184,7 @@ def fit_network(
     """
     files = RunFiles(work_dir)
     device_settings = DeviceSettings.for_device(settings.device, training.amp, training.channels_last)
-    make_repeatable(settings.device)
+    configure_cudnn(settings.device, training.deterministic)
     seed_everything(settings.seed)
     network.to(settings.device)
     objective = objective.on(settings.device)
