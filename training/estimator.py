@@ -223,6 +223,8 @@ class NetworkEstimator:
         network.load_state_dict(payload["model"])
         self.network_ = network.to(device).eval()
         self.device_ = device
+        if self._device_settings().channels_last:  # its inputs are channels_last: so must the weights be
+            self.network_.to(memory_format=torch.channels_last)
         self._adopt(list(payload["classes"]), list(payload.get("history", [])), float(payload["metric"]), dict(payload.get("summary", {})))
 
     # -- loading ----------------------------------------------------------------------------
@@ -254,6 +256,10 @@ class NetworkEstimator:
         return True
 
     # -- prediction -------------------------------------------------------------------------
+    def _device_settings(self) -> DeviceSettings:
+        training = self.training
+        return DeviceSettings.for_device(self.device_, training.amp, training.channels_last, training.amp_dtype)
+
     def _outputs(self, images: Any, probabilities: bool, embeddings: bool) -> list[np.ndarray]:
         if not hasattr(self, "network_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
@@ -262,7 +268,7 @@ class NetworkEstimator:
         widths = ([network.num_classes] if probabilities else []) + ([network.num_features] if embeddings else [])
         if len(images) == 0:
             return [np.zeros((0, width), dtype=np.float32) for width in widths]
-        settings = DeviceSettings.for_device(self.device_, self.training.amp, self.training.channels_last)
+        settings = self._device_settings()
         if self.training.finetune == "head":
             return self._outputs_from_stored_features(images, probabilities, embeddings, settings)
 
@@ -276,7 +282,10 @@ class NetworkEstimator:
             return tuple(outputs)
 
         shard = distributed.shard_for(len(images))
-        loader = batch_loader(ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers, shard=shard)
+        loader = batch_loader(
+            ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers, shard=shard,
+            pin_memory=settings.pin_memory,
+        )
         return run_forward(forward, loader, len(images), settings, progress_enabled(), f"{self.kind} predict", shard)
 
     def _outputs_from_stored_features(
