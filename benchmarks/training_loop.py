@@ -61,9 +61,12 @@ def with_known_keys(training: TrainingConfig, overrides: dict[str, Any]) -> Trai
     return dataclasses.replace(training, **{key: value for key, value in overrides.items() if key in known})
 
 
-def timed_fit(training: TrainingConfig, images: Any, labels: Any, cuis: list[str], valid: tuple[Any, Any], workers: int) -> tuple[float, list[dict]]:
+def timed_fit(
+    training: TrainingConfig, images: Any, labels: Any, cuis: list[str], valid: tuple[Any, Any], workers: int, device: str = "cpu"
+) -> tuple[float, list[dict]]:
+    """Seconds of one ConceptModel.fit in a fresh work directory, and its history."""
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as work:
-        model = ConceptModel(training, images.shape[1], "cpu", seed=0, num_workers=workers)
+        model = ConceptModel(training, images.shape[1], device, seed=0, num_workers=workers)
         started = time.perf_counter()
         model.fit(images, labels, cuis, valid[0], valid[1], Path(work) / "model")
         return time.perf_counter() - started, model.history_

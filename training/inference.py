@@ -60,6 +60,13 @@ class DeviceSettings:
         """Page-locked loader batches, so the copies to the GPU are asynchronous (`non_blocking`)."""
         return self.device.type == "cuda"
 
+    def describe(self) -> str:
+        """E.g. "cuda:0, autocast bfloat16, channels_last" (logged once per network: what the first GPU run must confirm)."""
+        parts = [str(self.device), f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp else "float32"]
+        if self.channels_last:
+            parts.append("channels_last")
+        return ", ".join(parts)
+
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
         """A loader batch on the device in the layout the network runs in.
 

@@ -311,6 +311,7 @@ class Trainer:
         self.epochs = planned_epochs(training, len(self.phase.train_data))
         self.passes_per_round = passes_per_validation(training, len(self.phase.train_data))
         self.rounds = math.ceil(self.epochs / self.passes_per_round)
+        self.images_per_pass = sum(training_batch_sizes(len(self.phase.train_data), training.batch_size, distributed.world_size()))
         self.total_steps = self.epochs * steps_per_epoch(len(self.phase.train_data), training.batch_size)
         self.device_augmenter = (
             DeviceAugmenter(training.augment) if training.augment_on_device and training.finetune != "head" else None
@@ -369,7 +370,9 @@ class Trainer:
                 files.clear()
                 files.write_state(self._state(finished=False))
         else:
-            _log(settings, "%s: resuming after epoch %d (best %s %.4f)", settings.label, resumed_at, objective.metric_name, self.progress.best_metric)
+            passes_done = int(self.progress.history[-1]["epoch"])
+            _log(settings, "%s: resuming after epoch %d (best %s %.4f)", settings.label, passes_done, objective.metric_name, self.progress.best_metric)
+        _log(settings, "%s: training on %s", settings.label, self.device_settings.describe())
 
         best_outputs: np.ndarray | None = None
         try:
@@ -400,6 +403,7 @@ class Trainer:
             unfreeze_top_groups(self.network, self.groups, self.unfrozen_groups(round_index))
         started = time.perf_counter()
         train_loss = self._train_passes(first, last)
+        images_per_second = self.images_per_pass * (last - first) / max(time.perf_counter() - started, 1e-9)
         outputs = self._validate()
         # Every rank holds the same gathered outputs; rank 0's metric makes the decisions identical anyway.
         metric = distributed.broadcast_value(float(objective.metric(outputs, valid_targets)))
@@ -433,8 +437,8 @@ class Trainer:
             self.files.write_state(self._state(finished=False))
         distributed.barrier()  # the round's files are on disk for every rank (and every callback)
         _log(
-            settings, "%s epoch %d/%d: loss %.4f, valid %s %.4f, lr %.2g, %.1fs",
-            settings.label, last, self.epochs, train_loss, objective.metric_name, metric, learning_rate, record["seconds"],
+            settings, "%s epoch %d/%d: loss %.4f, valid %s %.4f, lr %.2g, %.1fs (training %.0f images/s)",
+            settings.label, last, self.epochs, train_loss, objective.metric_name, metric, learning_rate, record["seconds"], images_per_second,
         )
         return record, outputs, improved
 
