@@ -5,7 +5,8 @@ Subcommands (each prints one JSON object, or the report):
     require-cuda                       exit 2 with one line when torch sees no CUDA GPU
     bare-loop --data D --config C      a bare timm forward/backward loop (and forward-only) on the
                                        same cached batches, same backbone, size, batch, autocast
-                                       dtype and channels_last as the config's global model
+                                       dtype and channels_last as the config's global model (random
+                                       init: configs/gpu.toml's EfficientNetV2-S needs no download)
     small-category --data D --config C time of one 50-image category model with min_steps
     report --log L ...                 what the first GPU run must confirm, from the files above
 
@@ -33,6 +34,27 @@ REPO = Path(__file__).resolve().parents[1]
 _RATE = re.compile(r"(?P<label>\S+ \S+?) epoch (?P<epoch>\d+)/(?P<epochs>\d+): .*\(training (?P<rate>[\d.]+) images/s\)")
 # "concepts global: training on cuda:0, autocast bfloat16, channels_last"
 _DEVICE = re.compile(r"(?P<label>\S+ \S+?): training on (?P<settings>.+)$")
+
+
+# configs/gpu.toml at 2026 scale, at its full epoch budgets (early stopping only shortens it):
+# 97,000 train / 19,240 valid / 15,000 test images; global 25 epochs, router 12, categories 25
+# (together one pass over the training set an epoch), two small categories raised to
+# min_steps = 1500 at batch 64; one frozen-feature pass over train + valid for all head warm-ups
+# (shared store), a validation pass per epoch, and 3 networks per test image.
+TRAIN, VALID, TEST = 97_000, 19_240, 15_000
+EPOCHS = {"global": 25, "router": 12, "categories": 25}
+TRAINING_IMAGES = sum(EPOCHS.values()) * TRAIN + 2 * 1_500 * 64
+FORWARD_IMAGES = (TRAIN + VALID) + sum(EPOCHS.values()) * VALID + 3 * TEST
+
+
+def gpu_hours(train_rate: float, forward_rate: float, gpus: int = 1, efficiency: float = 0.85) -> float:
+    """GPU wall hours of configs/gpu.toml at 2026 scale from training and forward images/s on one GPU.
+
+    With several GPUs, each network spreads over them (torchrun) at `efficiency` (an assumption
+    until gpu_check.sh's 2-GPU run measures it); CPU stages (image cache, stacker) are not included.
+    """
+    seconds = TRAINING_IMAGES / train_rate + FORWARD_IMAGES / forward_rate
+    return seconds / (gpus * (efficiency if gpus > 1 else 1.0)) / 3600
 
 
 def training_rates(log: str) -> dict[str, list[float]]:
@@ -79,6 +101,7 @@ def report_lines(
     memory_samples: str,
     small: dict[str, Any] | None = None,
     ddp_log: str | None = None,
+    full: dict[str, Any] | None = None,
 ) -> list[str]:
     """What the first GPU run must confirm, one line each."""
     rates = training_rates(log)
@@ -104,6 +127,17 @@ def report_lines(
         lines.append(
             f"small category: {small['images']} images, {small['steps']} steps (validate_every_steps {small['validate_every_steps']}): "
             f"{small['seconds']:.1f} s ({small['seconds'] / small['steps'] * 1000:.0f} ms a step)"
+        )
+    if full is not None:
+        lines.append(f"bare timm loop ({full['backbone']}, {full['image_size']} px, batch {full['batch_size']}, {full['dtype']}): "
+                     f"train {full['train_images_per_second']:.0f} images/s, forward {full['forward_images_per_second']:.0f} images/s, "
+                     f"peak {full['peak_memory_mib']} MiB allocated")
+        share = min(1.0, steady_rate(rates["concepts global"]) / bare["train_images_per_second"]) if "concepts global" in rates else 1.0
+        train_rate = full["train_images_per_second"] * share
+        lines.append(
+            f"configs/gpu.toml at 2026 scale, full epoch budgets: {gpu_hours(train_rate, full['forward_images_per_second']):.1f} h on 1 GPU, "
+            f"{gpu_hours(train_rate, full['forward_images_per_second'], gpus=8):.1f} h on 8 (the loop at {share:.0%} of the bare "
+            f"loop as measured above, 85% DDP efficiency assumed)"
         )
     if ddp_log is not None:
         ddp = training_rates(ddp_log)
@@ -237,6 +271,7 @@ def main(arguments: Iterable[str] | None = None) -> None:
     report.add_argument("--memory", type=Path, required=True, help="nvidia-smi memory.used samples")
     report.add_argument("--small", type=Path, default=None, help="small-category's JSON")
     report.add_argument("--ddp-log", type=Path, default=None, help="the 2-GPU torchrun train-all log")
+    report.add_argument("--bare-full", type=Path, default=None, help="bare-loop's JSON for configs/gpu.toml's backbone")
     options = parser.parse_args(None if arguments is None else list(arguments))
     if options.command == "require-cuda":
         require_cuda()
@@ -255,6 +290,7 @@ def main(arguments: Iterable[str] | None = None) -> None:
             options.memory.read_text(),
             json.loads(options.small.read_text()) if options.small else None,
             options.ddp_log.read_text(errors="replace") if options.ddp_log else None,
+            json.loads(options.bare_full.read_text()) if options.bare_full else None,
         )
         print("\n".join(lines))
 

@@ -9,7 +9,8 @@
 # prints what this run must confirm: training and prediction images/s against a bare timm
 # forward/backward loop on the same batches, the autocast dtype actually used, peak GPU memory,
 # the time of one 50-image category with min_steps = 1500, and with 2+ GPUs a 2-process torchrun
-# run of the global model. About 10 minutes on one H100-class GPU (estimate: never run yet).
+# run of the global model; from the bare loop of configs/gpu.toml's EfficientNetV2-S at 384 px and
+# the loop's measured share of its bare loop, the hours configs/gpu.toml needs at 2026 scale. About 10 minutes on one H100-class GPU (estimate: never run yet).
 # Without a CUDA GPU it refuses in one line before doing anything.
 set -euo pipefail
 
@@ -54,6 +55,7 @@ PREDICT_SECONDS=$("$PY" -c 'import sys; print(float(sys.argv[1]) - float(sys.arg
 
 step "bare timm loop on the same batches"
 "$PY" benchmarks/gpu_check.py bare-loop --data "$WORK/data" --config "$CONFIG" >"$WORK/bare.json"
+"$PY" benchmarks/gpu_check.py bare-loop --data "$WORK/data" --config configs/gpu.toml >"$WORK/bare-gpu-toml.json"
 
 step "one 50-image category, min_steps = 1500, validate_every_steps = 100"
 CONCEPTCLEF_PROGRESS=0 "$PY" benchmarks/gpu_check.py small-category --data "$WORK/data" --config "$CONFIG" >"$WORK/small.json"
@@ -71,4 +73,4 @@ fi
 step "report"
 "$PY" benchmarks/gpu_check.py report --log "$WORK/train.log" --bare "$WORK/bare.json" \
     --predict-seconds "$PREDICT_SECONDS" --predict-images "$TEST_IMAGES" --memory "$WORK/memory.txt" \
-    --small "$WORK/small.json" "${DDP[@]}" | tee "$WORK/report.txt"
+    --small "$WORK/small.json" --bare-full "$WORK/bare-gpu-toml.json" "${DDP[@]}" | tee "$WORK/report.txt"

@@ -99,3 +99,13 @@ def test_bad_inputs_to_the_report_are_named():
         gpu_check.peak_memory_mib("")
     with pytest.raises(ValueError, match="did training run"):
         gpu_check.report_lines("nothing here", BARE, 1.0, 1, "1\n")
+
+
+def test_hours_at_2026_scale_follow_from_the_measured_rates():
+    assert gpu_check.gpu_hours(1000, 3000) == pytest.approx((6_206_000 / 1000 + 1_354_120 / 3000) / 3600)
+    assert gpu_check.gpu_hours(1000, 3000, gpus=8) == pytest.approx(gpu_check.gpu_hours(1000, 3000) / (8 * 0.85))
+    log = "10:00:05 concepts global epoch 2/3: loss 0.1, valid sample_f1 0.2, lr 0.001, 3.0s (training 1000 images/s)"
+    full = {**BARE, "backbone": "tf_efficientnetv2_s.in21k_ft_in1k", "train_images_per_second": 1400.0, "forward_images_per_second": 3000.0}
+    line = gpu_check.report_lines(log, BARE, 1.0, 1, "1\n", full=full)[-1]
+    expected = gpu_check.gpu_hours(1400 * 0.5, 3000)  # the loop ran at half its bare loop on Lite0
+    assert line.startswith(f"configs/gpu.toml at 2026 scale, full epoch budgets: {expected:.1f} h on 1 GPU") and "at 50% of the bare" in line
