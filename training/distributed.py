@@ -219,7 +219,7 @@ def wrap_for_training(module: nn.Module, device: torch.device) -> nn.Module:
     Built again whenever the set of trainable parameters changes (layerwise unfreezing): DDP only
     synchronises parameters that required gradients when it was constructed. Buffers are not
     synchronised at every step (rank 0's would overwrite the others' batch-norm statistics);
-    `average_buffers` reconciles them after each epoch.
+    `average_buffers` reconciles them after each validation round.
     """
     if world_size() == 1:
         return module
