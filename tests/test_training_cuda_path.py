@@ -287,3 +287,16 @@ def test_too_little_shared_memory_is_refused_in_one_line_naming_the_fixes(monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     with pytest.raises(SharedMemoryError, match="x 4 process"):
         check_shared_memory(1, batch)
+
+
+def test_loader_augmentation_of_the_permuted_view_equals_that_of_a_contiguous_batch():
+    """The CPU path's numerics: augmenting the NHWC view gives the bytes the old .contiguous() batch gave."""
+    from conceptclef.training.augment import BatchAugmenter
+
+    pixels = torch.randint(0, 256, (3, 24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    augmenter = BatchAugmenter(AugmentConfig(horizontal_flip=True, rotation_degrees=10, zoom=0.1, shear_degrees=5))
+    torch.manual_seed(9)
+    from_view = augmenter(pixels.permute(0, 3, 1, 2))
+    torch.manual_seed(9)
+    from_copy = augmenter(pixels.permute(0, 3, 1, 2).contiguous())
+    assert torch.equal(from_view, from_copy)
