@@ -103,7 +103,21 @@ class TrainingConfig:
     max_unfrozen_groups: int = checked(0, ge=0)  # fine-tune at most this many top backbone groups (0: all)
     drop_rate: float = checked(0.2, ge=0, lt=1)
     amp: bool = True  # used on CUDA only
+    # Autocast dtype with amp on CUDA: "auto" = bfloat16 where the GPU supports it (Ampere and
+    # newer; no loss scaling needed), else float16 with a GradScaler.
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     channels_last: bool = True  # used on CUDA only
+    # CUDA only: cuDNN's fixed algorithms, so reruns are byte-identical (slower). False lets cuDNN
+    # time its algorithms once for the fixed input shape and keep the fastest. CPU is deterministic anyway.
+    deterministic: bool = False
+    # Validate, checkpoint and count early-stopping / LR / unfreezing patience at the end of the
+    # first pass that completes at least this many optimizer steps since the last validation
+    # (0: every pass). A category of 50 images at batch 64 makes one step a pass: with
+    # min_steps = 1500 it would otherwise validate and write resume.pt 1,500 times.
+    validate_every_steps: int = checked(0, ge=0)
+    # Augment whole batches on the training device (one affine_grid/grid_sample per batch) instead
+    # of image by image in the loader workers; for several GPUs on a node with few cores.
+    augment_on_device: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Category models only: "global" starts each specialist's backbone from the trained global
     # model's instead of `weights`. It pays only when the global model fine-tuned its backbone

@@ -273,6 +273,16 @@ def test_sync_batch_norm_is_swapped_in_and_back_with_the_trained_statistics():
     network.eval()(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
 
 
+def test_buffer_averaging_skips_the_constant_pixel_mean_and_std_and_frozen_batch_norms():
+    network = create_network("test_efficientnet", "none", 3, 0.0).train()
+    averaged = {id(buffer) for buffer in distributed.buffers_to_average(network)}
+    assert id(network.pixel_mean) not in averaged and id(network.pixel_std) not in averaged  # summed over 3 ranks: drift
+    assert id(network.backbone.bn1.running_mean) in averaged and id(network.backbone.bn1.running_var) in averaged
+    assert all(buffer.is_floating_point() for buffer in distributed.buffers_to_average(network))
+    network.backbone.bn1.eval()  # frozen statistics keep their pretrained values
+    assert id(network.backbone.bn1.running_mean) not in {id(b) for b in distributed.buffers_to_average(network)}
+
+
 @pytest.mark.slow
 def test_two_ranks_gather_exactly_the_rows_in_their_original_order(two_ranks):
     ranks = _ranks(two_ranks, "gather")

@@ -250,3 +250,28 @@ def test_a_metric_stuck_at_zero_does_not_trigger_early_stopping(tmp_path):
     training = dataclasses.replace(CONFIG.global_model, learning_rate=0.0, epochs=5, early_stopping_patience=1)
     model = ConceptModel(training, SIZE, "cpu").fit(images, labels, [f"C{i}" for i in range(6)], valid_images, valid_labels, tmp_path)
     assert [row["valid_metric"] for row in model.history_] == [0.0] * 5
+
+
+def test_the_loop_moves_the_objective_to_the_training_device(tmp_path, monkeypatch):
+    """Class weights are built on the CPU: fit_network must move the loss where the network trains."""
+    from conceptclef.training.loop import Objective
+
+    moved_to: list[torch.device] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class SpyObjective(Objective):
+        def on(self, device):
+            moved_to.append(torch.device(device))
+            return super().on(device)
+
+    original = ModalityRouter._objective
+
+    def spied(self, targets, num_classes):
+        objective = original(self, targets, num_classes)
+        return SpyObjective(objective.loss, objective.activation, objective.metric_name, objective.metric)
+
+    monkeypatch.setattr(ModalityRouter, "_objective", spied)
+    images, categories, valid_images, valid_categories = _router_data()
+    training = dataclasses.replace(ROUTER, epochs=1, class_weights=True)
+    ModalityRouter(training, SIZE, "cpu", seed=3).fit(images, categories, valid_images, valid_categories, tmp_path)
+    assert moved_to == [torch.device("cpu")]

@@ -109,3 +109,33 @@ def test_positive_weights_grow_with_rarity_and_are_capped():
 def test_balanced_class_weights_are_inverse_frequency():
     weights = balanced_class_weights(np.array([0, 0, 0, 1]), 3)
     assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 1.0])
+
+
+# -- the loss follows the network to its device (class_weights = true on CUDA) ---------------------
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize("name", ["bce", "sf1_x_bce", "sf1_plus_bce", "asymmetric"])
+def test_a_class_weighted_loss_moves_with_the_objective_to_the_training_device(name):
+    from conceptclef.training.loop import Objective
+
+    loss = build_loss(name, class_weights=torch.tensor([2.0, 1.0, 3.0, 1.5]))
+    logits, targets = torch.zeros(2, 4, device=META), TARGETS.to(META)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # CPU weights against device logits: the CUDA crash
+        loss(logits, targets)
+    moved = Objective(loss, "sigmoid", "f1", lambda outputs, truth: 0.0).on(META)
+    value = moved.loss(logits, targets)
+    assert value.device == META and value.shape == ()
+
+
+def test_the_routers_and_concept_models_weighted_objectives_run_on_the_training_device():
+    from conceptclef.category_models import ConceptModel
+    from conceptclef.core.config import TrainingConfig
+    from conceptclef.router import ModalityRouter
+
+    training = TrainingConfig(class_weights=True, loss="asymmetric")
+    router = ModalityRouter(training, 32, "cpu")._objective(np.array([0, 0, 1, 2]), 3).on(META)
+    assert router.loss(torch.zeros(4, 3, device=META), torch.tensor([0, 0, 1, 2], device=META)).device == META
+    labels = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=np.float32))
+    concepts = ConceptModel(training, 32, "cpu")._objective(labels, 4).on(META)
+    assert concepts.loss(torch.zeros(2, 4, device=META), TARGETS.to(META)).device == META

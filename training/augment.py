@@ -49,3 +49,52 @@ def build_augmenter(config: AugmentConfig) -> BatchAugmenter | None:
     """The augmenter, or None when the config turns every augmentation off."""
     augmenter = BatchAugmenter(config)
     return augmenter if augmenter.active else None
+
+
+class DeviceAugmenter:
+    """The same augmentation for a whole batch on the training device: one affine_grid/grid_sample.
+
+    Per image, as BatchAugmenter: a horizontal flip with probability 0.5, a rotation in
+    [-rotation_degrees, rotation_degrees], a scale in [1 - zoom, 1 + zoom] and an x-shear in
+    [-shear_degrees, shear_degrees] about the image centre, bilinear, black outside the image.
+    Drawn from the global torch generator (re-seeded every pass, as the loader's augmentation).
+    Returns float pixels in 0..255 (the network normalises floats and uint8 alike); the CPU
+    path rounds to uint8, so the two are close, not bit-equal.
+    """
+
+    def __init__(self, config: AugmentConfig) -> None:
+        self.config = config
+
+    @property
+    def active(self) -> bool:
+        config = self.config
+        return config.horizontal_flip or config.rotation_degrees > 0 or config.zoom > 0 or config.shear_degrees > 0
+
+    def matrices(self, count: int, device: torch.device) -> torch.Tensor:
+        """(count, 2, 3) affine_grid matrices: output pixel -> input pixel, in normalised coordinates."""
+        config = self.config
+        draws = torch.rand(count, 4).to(device)  # drawn on the CPU: the same numbers on every device type
+        angle = torch.deg2rad((2 * draws[:, 0] - 1) * config.rotation_degrees)
+        scale = 1 + (2 * draws[:, 1] - 1) * config.zoom
+        shear = torch.deg2rad((2 * draws[:, 2] - 1) * config.shear_degrees)
+        flip = torch.where((draws[:, 3] < 0.5) & config.horizontal_flip, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # forward map: rotate . shear-x . scale (torchvision's order), then flip the input first
+        forward = torch.stack(
+            [
+                torch.stack([cos, cos * torch.tan(shear) - sin], dim=1),
+                torch.stack([sin, sin * torch.tan(shear) + cos], dim=1),
+            ],
+            dim=1,
+        ) * scale.view(-1, 1, 1)
+        inverse = torch.linalg.inv(forward)
+        inverse[:, :, 0] = inverse[:, :, 0] * flip.view(-1, 1)  # x of the output mirrors before the inverse map
+        return torch.cat([inverse, torch.zeros(count, 2, 1, device=device)], dim=2)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 or float images on any device -> augmented float32 images."""
+        if not self.active or images.shape[0] == 0:
+            return images
+        pixels = images.float()
+        grid = torch.nn.functional.affine_grid(self.matrices(images.shape[0], images.device), list(pixels.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

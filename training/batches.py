@@ -16,8 +16,10 @@ gradient (averaged by DDP, see `training_batch_sizes`) stay those of one process
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
@@ -64,13 +66,85 @@ class ImageBatches(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: Sequence[int] | SeededBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = item.indices if isinstance(item, SeededBatch) else item
         rows = np.sort(np.asarray(indices, dtype=np.int64))
         pixels = np.ascontiguousarray(self.images[rows])
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+        # NCHW as a view of the NHWC pixels: channels_last strides, which the device keeps or copies
+        # (DeviceSettings.inputs); a .contiguous() here cost ~27 ms a batch of 64 at 384 px.
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         if self.augmenter is not None:
+            if isinstance(item, SeededBatch) and torch.utils.data.get_worker_info() is not None:
+                # In a loader worker: the batch's own stream, whichever worker draws it and however long
+                # the (persistent) worker has lived. In the main process the per-pass seeded generator serves.
+                torch.manual_seed(item.seed)
             batch = self.augmenter(batch)
         return batch, targets_for(self.targets, rows), torch.from_numpy(rows)
+
+
+@dataclass(frozen=True)
+class SeededBatch:
+    """A training batch's row indices and the seed of its augmentation (see `ShuffledPasses`)."""
+
+    indices: list[int]
+    seed: int
+
+
+class ShuffledPasses(Sampler[SeededBatch]):
+    """Training batches of one pass, reshuffled for each pass from its seed (`set_pass`).
+
+    One sampler (and so one DataLoader with persistent workers) serves every pass of a run: the
+    permutation of a pass depends on its seed alone, exactly the one an epoch's own
+    `batch_sampler(shuffle=True)` and DataLoader drew from that seed in earlier versions. Each
+    batch carries a seed from (pass, batch, rank), so loader workers augment it alike whatever
+    worker draws it, and a resumed run draws what an uninterrupted one drew.
+    """
+
+    def __init__(self, size: int, batch_size: int, shard: Shard = SINGLE) -> None:
+        if shard.distributed and (batch_size < shard.world or size < shard.world):
+            raise ValueError(
+                f"{shard.world} processes need training.batch_size and the training set to hold at least one image per "
+                f"process (batch_size {batch_size}, {size} images)"
+            )
+        self.size, self.batch_size, self.shard = size, batch_size, shard
+        self.drop_last = trailing_batch_dropped(size, batch_size, shard.world)
+        self.pass_seed = 0
+
+    def set_pass(self, seed: int) -> None:
+        self.pass_seed = seed
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        generator = torch.Generator().manual_seed(self.pass_seed)
+        # The draw a new DataLoader iterator made from the shared generator (its workers' base seed)
+        # before the permutation: keeps the batches of earlier versions and of num_workers = 0.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        batches = BatchSampler(RandomSampler(range(self.size), generator=generator), batch_size=self.batch_size, drop_last=self.drop_last)
+        for number, batch in enumerate(batches):
+            start, stop = shard_bounds(len(batch), self.shard.rank, self.shard.world) if self.shard.distributed else (0, len(batch))
+            seed = process_seed((self.pass_seed * 1_000_003 + number * 7_919 + 1) % 2**63, self.shard.rank)
+            yield SeededBatch(batch[start:stop], seed)
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else math.ceil(self.size / self.batch_size)
+
+
+def training_loader(dataset: BatchDataset, batch_size: int, num_workers: int, pin_memory: bool, shard: Shard = SINGLE) -> tuple[DataLoader, ShuffledPasses]:
+    """One loader for every pass of a training run, and the sampler whose `set_pass` reshuffles it.
+
+    Its workers live as long as the loader (persistent_workers): with min_steps, a small category
+    makes hundreds of one-batch passes, and starting 8 workers for each cost more than the step.
+    """
+    sampler = ShuffledPasses(len(dataset), batch_size, shard)
+    loader = DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        generator=torch.Generator(),  # the workers' base seed: never drawn from the global generator
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+    return loader, sampler
 
 
 class FeatureBatches(Dataset):
@@ -83,8 +157,8 @@ class FeatureBatches(Dataset):
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = np.sort(np.asarray(indices, dtype=np.int64))
+    def __getitem__(self, item: Sequence[int] | SeededBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = np.sort(np.asarray(item.indices if isinstance(item, SeededBatch) else item, dtype=np.int64))
         index = torch.from_numpy(rows)
         return self.features[index], targets_for(self.targets, rows), index
 

@@ -219,7 +219,7 @@ def wrap_for_training(module: nn.Module, device: torch.device) -> nn.Module:
     Built again whenever the set of trainable parameters changes (layerwise unfreezing): DDP only
     synchronises parameters that required gradients when it was constructed. Buffers are not
     synchronised at every step (rank 0's would overwrite the others' batch-norm statistics);
-    `average_buffers` reconciles them after each epoch.
+    `average_buffers` reconciles them after each validation round.
     """
     if world_size() == 1:
         return module
@@ -230,7 +230,7 @@ def wrap_for_training(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def average_buffers(module: nn.Module) -> None:
-    """Average the floating buffers of training-mode submodules (batch-norm running statistics) over ranks.
+    """Average the learned floating buffers of training-mode submodules (batch-norm running statistics) over ranks.
 
     Without SyncBatchNorm each rank tracked statistics of its own slices; averaged, every rank
     evaluates with the same weights and buffers as the checkpoint rank 0 saves. Frozen batch
@@ -240,14 +240,29 @@ def average_buffers(module: nn.Module) -> None:
     if world == 1:
         return
     device = collective_device()
+    for buffer in buffers_to_average(module):
+        carrier = buffer.detach().to(device, copy=True)
+        dist.all_reduce(carrier, op=dist.ReduceOp.SUM)
+        buffer.copy_(carrier.div_(world).to(buffer.device))
+
+
+def buffers_to_average(module: nn.Module) -> list[torch.Tensor]:
+    """The buffers `average_buffers` reconciles: floating, persistent, of submodules in training mode.
+
+    Non-persistent buffers (the network's pixel mean/std) are constants every rank holds alike;
+    summed over 3+ ranks and divided, they would drift by a few ulps an epoch.
+    """
+    chosen: list[torch.Tensor] = []
     for child in module.modules():
         if not child.training:
             continue
-        for buffer in child.buffers(recurse=False):
-            if buffer.is_floating_point():
-                carrier = buffer.detach().to(device, copy=True)
-                dist.all_reduce(carrier, op=dist.ReduceOp.SUM)
-                buffer.copy_(carrier.div_(world).to(buffer.device))
+        constants = child._non_persistent_buffers_set
+        chosen.extend(
+            buffer
+            for name, buffer in child.named_buffers(recurse=False)
+            if buffer.is_floating_point() and name not in constants
+        )
+    return chosen
 
 
 class SyncBatchNormSwap:

@@ -58,6 +58,21 @@ def training_config_from_dict(values: dict[str, Any], source: Path | str = "chec
     return TrainingConfig(**values, augment=AugmentConfig(**augment))
 
 
+# Keys added after runs already existed: at their defaults they stay out of the job fingerprint,
+# so a run trained before they existed is still recognised as the same job (and not retrained).
+KEYS_FINGERPRINTED_WHEN_SET = ("amp_dtype", "deterministic", "validate_every_steps", "augment_on_device")
+
+
+def fingerprinted_settings(training: TrainingConfig) -> dict[str, Any]:
+    """The training settings that identify a job: every key, less later additions left at their defaults."""
+    values = dataclasses.asdict(training)
+    defaults = TrainingConfig()
+    for key in KEYS_FINGERPRINTED_WHEN_SET:
+        if values.get(key) == getattr(defaults, key):
+            values.pop(key, None)
+    return values
+
+
 def _targets_digest(targets: Targets) -> str:
     digest = hashlib.sha256()
     if sp.issparse(targets):
@@ -166,7 +181,7 @@ class NetworkEstimator(Generic[TargetsT]):
     def _fingerprint(self, classes: list[str], targets: Targets, valid_targets: Targets, training: TrainingConfig | None = None) -> str:
         job = {
             "kind": self.kind,
-            "training": dataclasses.asdict(training or self.training),
+            "training": fingerprinted_settings(training or self.training),
             "image_size": self.image_size,
             "seed": self.seed,
             "classes": classes,
@@ -211,6 +226,8 @@ class NetworkEstimator(Generic[TargetsT]):
         network.load_state_dict(payload["model"])
         self.network_ = network.to(device).eval()
         self.device_ = device
+        if self._device_settings().channels_last:  # its inputs are channels_last: so must the weights be
+            self.network_.to(memory_format=torch.channels_last)
         self._adopt(list(payload["classes"]), list(payload.get("history", [])), float(payload["metric"]), dict(payload.get("summary", {})))
 
     # -- loading ----------------------------------------------------------------------------
@@ -242,6 +259,10 @@ class NetworkEstimator(Generic[TargetsT]):
         return True
 
     # -- prediction -------------------------------------------------------------------------
+    def _device_settings(self) -> DeviceSettings:
+        training = self.training
+        return DeviceSettings.for_device(self.device_, training.amp, training.channels_last, training.amp_dtype)
+
     def _outputs(self, images: Any, probabilities: bool, embeddings: bool) -> list[np.ndarray]:
         if not hasattr(self, "network_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
@@ -250,7 +271,7 @@ class NetworkEstimator(Generic[TargetsT]):
         widths = ([network.num_classes] if probabilities else []) + ([network.num_features] if embeddings else [])
         if len(images) == 0:
             return [np.zeros((0, width), dtype=np.float32) for width in widths]
-        settings = DeviceSettings.for_device(self.device_, self.training.amp, self.training.channels_last)
+        settings = self._device_settings()
         if self.training.finetune == "head":
             return self._outputs_from_stored_features(images, probabilities, embeddings, settings)
 
@@ -264,7 +285,10 @@ class NetworkEstimator(Generic[TargetsT]):
             return tuple(outputs)
 
         shard = distributed.shard_for(len(images))
-        loader = batch_loader(ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers, shard=shard)
+        loader = batch_loader(
+            ImageBatches(images), self.training.batch_size, shuffle=False, num_workers=self.num_workers, shard=shard,
+            pin_memory=settings.pin_memory,
+        )
         return run_forward(forward, loader, len(images), settings, progress_enabled(), f"{self.kind} predict", shard)
 
     def _outputs_from_stored_features(

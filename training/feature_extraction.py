@@ -38,7 +38,7 @@ def extractor_identity(network: ImageClassifier, settings: DeviceSettings) -> st
         "pixel_mean": network.pixel_mean.detach().cpu().flatten().tolist(),
         "pixel_std": network.pixel_std.detach().cpu().flatten().tolist(),
         "device": settings.device.type,
-        "amp": settings.amp,
+        "amp": str(settings.amp_dtype).removeprefix("torch.") if settings.amp else False,  # float16 and bfloat16 differ
         "channels_last": settings.channels_last,
         "torch": torch.__version__,
         "timm": timm.__version__,
@@ -65,7 +65,10 @@ def compute_features(network: ImageClassifier, images: Any, extraction: Extracti
     """(N, D) float32 pooled features in eval mode; distributed, sharded and all-gathered (a collective)."""
     network.eval()
     shard = distributed.shard_for(len(images))
-    loader = batch_loader(ImageBatches(images), extraction.batch_size, shuffle=False, num_workers=extraction.num_workers, shard=shard)
+    loader = batch_loader(
+        ImageBatches(images), extraction.batch_size, shuffle=False, num_workers=extraction.num_workers, shard=shard,
+        pin_memory=extraction.device.pin_memory,
+    )
     (features,) = run_forward(network.features, loader, len(images), extraction.device, extraction.progress, extraction.label, shard)
     return features
 

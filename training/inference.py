@@ -21,6 +21,20 @@ from conceptclef.training.distributed import SINGLE, Shard, all_gather_rows
 Activation = Literal["softmax", "sigmoid"]
 
 
+AmpDtype = Literal["auto", "bfloat16", "float16"]
+
+
+def autocast_dtype(choice: AmpDtype, capability: tuple[int, int] | None) -> torch.dtype:
+    """The autocast dtype for `choice` on a GPU of compute `capability` (None: unknown).
+
+    bfloat16 has float32's range, so no loss scaling is needed and no step is ever skipped;
+    GPUs before Ampere (capability 8.0) lack fast bfloat16 and use float16 with a GradScaler.
+    """
+    if choice == "auto":
+        return torch.bfloat16 if capability is not None and capability >= (8, 0) else torch.float16
+    return torch.bfloat16 if choice == "bfloat16" else torch.float16
+
+
 @dataclass(frozen=True)
 class DeviceSettings:
     """Where and how tensors are computed: AMP and channels_last only ever apply on CUDA."""
@@ -28,20 +42,45 @@ class DeviceSettings:
     device: torch.device
     amp: bool = False
     channels_last: bool = False
+    amp_dtype: torch.dtype = torch.float16  # the autocast dtype when `amp`
 
     @classmethod
-    def for_device(cls, device: torch.device, amp: bool, channels_last: bool) -> "DeviceSettings":
+    def for_device(cls, device: torch.device, amp: bool, channels_last: bool, amp_dtype: AmpDtype = "auto") -> "DeviceSettings":
         on_cuda = device.type == "cuda"
-        return cls(device=device, amp=amp and on_cuda, channels_last=channels_last and on_cuda)
+        capability = torch.cuda.get_device_capability(device) if on_cuda and amp else None
+        return cls(device=device, amp=amp and on_cuda, channels_last=channels_last and on_cuda, amp_dtype=autocast_dtype(amp_dtype, capability))
+
+    @property
+    def scales_loss(self) -> bool:
+        """float16 autocast needs a GradScaler (its gradients underflow); bfloat16 does not."""
+        return self.amp and self.amp_dtype == torch.float16
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked loader batches, so the copies to the GPU are asynchronous (`non_blocking`)."""
+        return self.device.type == "cuda"
+
+    def describe(self) -> str:
+        """E.g. "cuda:0, autocast bfloat16, channels_last" (logged once per network: what the first GPU run must confirm)."""
+        parts = [str(self.device), f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp else "float32"]
+        if self.channels_last:
+            parts.append("channels_last")
+        return ", ".join(parts)
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """A loader batch on the device in the layout the network runs in.
+
+        Loaders hand NHWC pixels as a permuted NCHW view (no copy in the worker): with
+        channels_last that view already has the wanted strides; otherwise the copy to contiguous
+        NCHW happens here, on the device.
+        """
         batch = batch.to(self.device, non_blocking=True)
-        if self.channels_last and batch.ndim == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        if batch.ndim != 4:
+            return batch
+        return batch.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def autocast(self) -> AbstractContextManager[object]:
-        return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp else nullcontext()
 
 
 def to_probabilities(logits: torch.Tensor, activation: Activation) -> torch.Tensor:

@@ -55,9 +55,19 @@ from tqdm import tqdm
 
 from conceptclef.core.config import TrainingConfig
 from conceptclef.training import distributed
-from conceptclef.training.augment import build_augmenter
+from conceptclef.training.augment import DeviceAugmenter, build_augmenter
 from conceptclef.training.backbones import ImageClassifier, layer_groups, train_mode_except_frozen, unfreeze_top_groups
-from conceptclef.training.batches import BatchDataset, FeatureBatches, ImageBatches, Targets, TargetsT, batch_loader, training_batch_sizes
+from conceptclef.training.batches import (
+    BatchDataset,
+    FeatureBatches,
+    ImageBatches,
+    ShuffledPasses,
+    Targets,
+    TargetsT,
+    batch_loader,
+    training_batch_sizes,
+    training_loader,
+)
 from conceptclef.training.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
@@ -72,14 +82,21 @@ from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.runtime import (
     capture_rng_state,
+    configure_cudnn,
     epoch_seed,
-    make_repeatable,
     process_seed,
     report_training_from_scratch,
     restore_rng_state,
     seed_everything,
 )
-from conceptclef.training.schedule import learning_rate_factor, parameter_groups, planned_epochs, steps_per_epoch
+from conceptclef.training.schedule import (
+    learning_rate_factor,
+    parameter_groups,
+    passes_per_validation,
+    planned_epochs,
+    steps_per_epoch,
+)
+from conceptclef.training.shared_memory import check_shared_memory
 
 log = logging.getLogger("conceptclef")
 
@@ -95,6 +112,14 @@ class Objective(Generic[TargetsT]):
     activation: Activation
     metric_name: str
     metric: Callable[[np.ndarray, TargetsT], float]  # (validation probabilities, targets) -> higher is better
+
+    def on(self, device: torch.device | str) -> "Objective":
+        """The objective with its loss's buffers (class weights) on `device`, where the logits are.
+
+        Losses are built on the CPU from label counts; without this move a class-weighted loss
+        fails at the first CUDA step ('Expected all tensors to be on the same device').
+        """
+        return dataclasses.replace(self, loss=self.loss.to(device))
 
 
 @dataclass(frozen=True)
@@ -174,9 +199,10 @@ def fit_network(
     """
     files = RunFiles(work_dir)
     device_settings = DeviceSettings.for_device(settings.device, training.amp, training.channels_last)
-    make_repeatable(settings.device)
+    configure_cudnn(settings.device, training.deterministic)
     seed_everything(settings.seed)
     network.to(settings.device)
+    objective = objective.on(settings.device)
     if device_settings.channels_last:
         network.to(memory_format=torch.channels_last)
     # Also when resuming: the finished warm-up then only loads (and a resume.pt of another job
@@ -279,9 +305,24 @@ class Trainer:
     def _build(self, train: tuple[Any, Targets], valid: tuple[Any, Targets], feature_store: FeatureStore | None) -> None:
         training = self.training
         self.phase = _build_phase(self.network, training, train, valid, self.settings, self.device_settings, feature_store)
+        per_rank = math.ceil(training.batch_size / distributed.world_size())
+        check_shared_memory(self.phase.loader_workers, _batch_bytes(self.phase.train_data, per_rank))
         self.groups = layer_groups(self.network.backbone, fine=training.unfreeze_groups == "fine")
         self.epochs = planned_epochs(training, len(self.phase.train_data))
+        self.passes_per_round = passes_per_validation(training, len(self.phase.train_data))
+        self.rounds = math.ceil(self.epochs / self.passes_per_round)
+        self.images_per_pass = sum(training_batch_sizes(len(self.phase.train_data), training.batch_size, distributed.world_size()))
         self.total_steps = self.epochs * steps_per_epoch(len(self.phase.train_data), training.batch_size)
+        self.device_augmenter = (
+            DeviceAugmenter(training.augment) if training.augment_on_device and training.finetune != "head" else None
+        )
+        self._build_optimization()
+        self._train_loader: tuple[torch.utils.data.DataLoader, ShuffledPasses] | None = None
+        self._wrapped: tuple[tuple[bool, ...], nn.Module] | None = None
+
+    def _build_optimization(self) -> None:
+        """Fresh optimizer, schedules and scaler (also what a failed resume falls back to)."""
+        training = self.training
         backbone = None if training.finetune == "head" else self.network.backbone
         self.optimizer = _build_optimizer(parameter_groups(self.network.head, backbone, self.groups, training), training)
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -290,7 +331,10 @@ class Trainer:
         self.step_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, training.warmup_steps, self.total_steps, training.schedule)
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device_settings.amp)
+        self.scaler = grad_scaler(self.device_settings)
+        self.optimizer_steps = 0
+        self.skipped_steps = 0  # float16 steps the scaler skipped (overflow): they do not advance the LR schedule
+        self.consecutive_skips = 0
 
     def unfrozen_groups(self, epoch: int) -> int:
         """Backbone groups trained in `epoch` (-1: all), capped by `max_unfrozen_groups`."""
@@ -326,27 +370,40 @@ class Trainer:
                 files.clear()
                 files.write_state(self._state(finished=False))
         else:
-            _log(settings, "%s: resuming after epoch %d (best %s %.4f)", settings.label, resumed_at, objective.metric_name, self.progress.best_metric)
+            passes_done = int(self.progress.history[-1]["epoch"])
+            _log(settings, "%s: resuming after epoch %d (best %s %.4f)", settings.label, passes_done, objective.metric_name, self.progress.best_metric)
+        _log(settings, "%s: training on %s", settings.label, self.device_settings.describe())
 
         best_outputs: np.ndarray | None = None
-        for epoch in range(resumed_at, self.epochs):
-            if _should_stop(self.progress, self.training):
-                break
-            record, outputs, improved = self._run_epoch(epoch, valid[1])
-            if improved:
-                best_outputs = outputs
-            if on_epoch_end is not None:
-                on_epoch_end(dict(record))
+        try:
+            for round_index in range(resumed_at, self.rounds):
+                if _should_stop(self.progress, self.training):
+                    break
+                record, outputs, improved = self._run_round(round_index, valid[1])
+                if improved:
+                    best_outputs = outputs
+                if on_epoch_end is not None:
+                    on_epoch_end(dict(record))
+        finally:
+            self._train_loader = None  # ends the persistent loader workers
+            self._wrapped = None
         return self._finish(valid[1], best_outputs, summarize)
 
-    def _run_epoch(self, epoch: int, valid_targets: Targets) -> tuple[dict[str, Any], np.ndarray, bool]:
-        """Train and validate one epoch, update early stopping, save its files; (record, outputs, improved)."""
+    def _run_round(self, round_index: int, valid_targets: Targets) -> tuple[dict[str, Any], np.ndarray, bool]:
+        """Train the passes up to the next validation, validate, update early stopping, save the files.
+
+        A round is one pass, or with `validate_every_steps` the fewest passes holding that many
+        optimizer steps; early stopping, LR reduction and layer-wise unfreezing count rounds.
+        Returns (record, validation outputs, improved).
+        """
         training, settings, progress, objective = self.training, self.settings, self.progress, self.objective
-        generator = _seed_epoch(settings.seed, epoch)
+        first = round_index * self.passes_per_round
+        last = min(first + self.passes_per_round, self.epochs)
         if training.finetune != "head":
-            unfreeze_top_groups(self.network, self.groups, self.unfrozen_groups(epoch))
+            unfreeze_top_groups(self.network, self.groups, self.unfrozen_groups(round_index))
         started = time.perf_counter()
-        train_loss = self._train_one_epoch(generator, epoch)
+        train_loss = self._train_passes(first, last)
+        images_per_second = self.images_per_pass * (last - first) / max(time.perf_counter() - started, 1e-9)
         outputs = self._validate()
         # Every rank holds the same gathered outputs; rank 0's metric makes the decisions identical anyway.
         metric = distributed.broadcast_value(float(objective.metric(outputs, valid_targets)))
@@ -357,62 +414,146 @@ class Trainer:
         if not still_at_zero and training.schedule == "plateau":
             self.plateau.step(metric)
         record = {
-            "epoch": epoch + 1,
+            "epoch": last,
             "train_loss": round(train_loss, 6),
             "valid_metric": round(metric, 6),
             "lr": learning_rate,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if self.passes_per_round > 1 or self.skipped_steps:
+            record["steps"] = self.optimizer_steps
+            record["skipped_steps"] = self.skipped_steps
         improved = metric > progress.best_metric
         if improved:
-            progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = metric, epoch + 1, 0
+            progress.best_metric, progress.best_epoch, progress.epochs_without_improvement = metric, last, 0
         elif not still_at_zero:
             progress.epochs_without_improvement += 1
         progress.history.append(record)
         if distributed.is_main_process():
             if improved:
-                save_checkpoint(self.files.best, self._best_payload(epoch + 1, metric))
+                save_checkpoint(self.files.best, self._best_payload(last, metric))
             self._save_resume()
             self.files.write_metrics(progress.history)
             self.files.write_state(self._state(finished=False))
-        distributed.barrier()  # the epoch's files are on disk for every rank (and every callback)
+        distributed.barrier()  # the round's files are on disk for every rank (and every callback)
         _log(
-            settings, "%s epoch %d/%d: loss %.4f, valid %s %.4f, lr %.2g, %.1fs",
-            settings.label, epoch + 1, self.epochs, train_loss, objective.metric_name, metric, learning_rate, record["seconds"],
+            settings, "%s epoch %d/%d: loss %.4f, valid %s %.4f, lr %.2g, %.1fs (training %.0f images/s)",
+            settings.label, last, self.epochs, train_loss, objective.metric_name, metric, learning_rate, record["seconds"], images_per_second,
         )
         return record, outputs, improved
 
-    def _train_one_epoch(self, generator: torch.Generator, epoch: int) -> float:
-        """One pass over shuffled training batches; returns the sample-weighted mean loss (over all ranks)."""
-        phase, training, settings, device_settings = self.phase, self.training, self.settings, self.device_settings
+    def _trained_module(self) -> nn.Module:
+        """The module the optimizer steps through: DDP-wrapped when distributed, rebuilt only when
+        the set of trainable parameters changes (layer-wise unfreezing), never once per pass."""
+        module = self.phase.module
+        trainable = tuple(parameter.requires_grad for parameter in module.parameters())
+        if self._wrapped is None or self._wrapped[0] != trainable:
+            self._wrapped = (trainable, distributed.wrap_for_training(module, self.settings.device))
+        return self._wrapped[1]
+
+    def _loader(self, shard: distributed.Shard) -> tuple[torch.utils.data.DataLoader, ShuffledPasses]:
+        if self._train_loader is None:
+            self._train_loader = training_loader(
+                self.phase.train_data, self.training.batch_size, self.phase.loader_workers, self.device_settings.pin_memory, shard
+            )
+        return self._train_loader
+
+    def _train_passes(self, first: int, last: int) -> float:
+        """Passes first..last-1 over shuffled batches; the sample-weighted mean loss over all ranks.
+
+        The loss is summed on the device (no GPU sync per step); its finiteness is checked every
+        FINITE_CHECK_STEPS steps and once more in the round's one reduction over ranks.
+        """
+        phase, training, settings = self.phase, self.training, self.settings
         train_mode_except_frozen(phase.module, freeze_statistics=training.batchnorm == "frozen")
         shard = distributed.current_shard()
-        trained = distributed.wrap_for_training(phase.module, settings.device)  # after layerwise unfreezing
-        loader = batch_loader(
-            phase.train_data, training.batch_size, shuffle=True, num_workers=phase.loader_workers, generator=generator, shard=shard
-        )
+        trained = self._trained_module()
+        loader, sampler = self._loader(shard)
         global_sizes = training_batch_sizes(len(phase.train_data), training.batch_size, shard.world)
-        total, count = 0.0, 0
+        tally = LossTally(settings.device)
+        for epoch in range(first, last):
+            generator = _seed_epoch(settings.seed, epoch)
+            sampler.set_pass(int(generator.initial_seed()))
+            self._train_one_pass(trained, loader, global_sizes, shard, tally, epoch)
+        distributed.average_buffers(phase.module)
+        total, count, nonfinite = distributed.all_reduce_sum(tally.totals())  # the round's one reduction, flag included
+        self._raise_if_nonfinite(int(nonfinite), first, last)
+        return total / max(count, 1)
+
+    def _train_one_pass(
+        self,
+        trained: nn.Module,
+        loader: torch.utils.data.DataLoader,
+        global_sizes: list[int],
+        shard: distributed.Shard,
+        tally: "LossTally",
+        epoch: int,
+    ) -> None:
+        settings, device_settings = self.settings, self.device_settings
         bar = tqdm(loader, desc=f"{settings.label} epoch {epoch + 1}/{self.epochs}", disable=not settings.progress, leave=False)
         for step, (inputs, targets, _) in enumerate(bar):
+            inputs = inputs.to(settings.device, non_blocking=True)
+            if self.device_augmenter is not None:
+                inputs = self.device_augmenter(inputs)
             inputs = device_settings.inputs(inputs)
             targets = targets.to(settings.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with device_settings.autocast():
                 logits = trained(inputs)
             loss = self.objective.loss(logits.float(), targets)
-            _check_finite(loss, settings, epoch, shard)
             share = len(inputs) * shard.world / global_sizes[step]  # DDP averages ranks: weigh by slice size
             self.scaler.scale(loss * share if shard.distributed else loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self._step_learning_rate()
-            total += float(loss.detach()) * len(inputs)
-            count += len(inputs)
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
-        distributed.average_buffers(phase.module)
-        summed_loss, summed_count = distributed.all_reduce_sum([total, float(count)])
-        return summed_loss / max(summed_count, 1)
+            if self.scaler.is_enabled():
+                scale = self.scaler.get_scale()  # scaler.step syncs anyway: reading the scale costs nothing more
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # an overflow halves the scale and skips the step
+            else:
+                self.optimizer.step()
+                stepped = True
+            if stepped:
+                self.optimizer_steps += 1
+                self._step_learning_rate()
+                self.consecutive_skips = 0
+            else:
+                self._skipped_step(epoch)
+            tally.add(loss.detach(), len(inputs))
+            if tally.steps % FINITE_CHECK_STEPS == 0:
+                if not self.scaler.is_enabled():
+                    nonfinite = tally.nonfinite_count()
+                    if shard.distributed:  # every rank checks after the same step: the collective is safe
+                        nonfinite = int(distributed.all_reduce_sum([float(nonfinite)])[0])
+                    self._raise_if_nonfinite(nonfinite, epoch, epoch + 1)
+                if settings.progress:
+                    bar.set_postfix(loss=f"{tally.mean():.4f}", refresh=False)
+
+    def _skipped_step(self, epoch: int) -> None:
+        """A float16 step the scaler skipped (gradient overflow): it halves the scale and tries again.
+
+        The LR schedule does not advance (the step did not happen). Only MAX_CONSECUTIVE_SKIPS in a
+        row (the scale then fell by 2^-50: the loss is NaN, not an overflow) stop the run; every rank
+        sees the same scale, so all stop together.
+        """
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise FloatingPointError(
+                f"{self.settings.label}: the float16 loss scaler skipped {self.consecutive_skips} steps in a row in epoch "
+                f"{epoch + 1} (non-finite loss or gradients); lower training.learning_rate or use training.amp_dtype = \"bfloat16\""
+            )
+
+    def _raise_if_nonfinite(self, nonfinite: int, first: int, last: int) -> None:
+        """Stop on non-finite losses (counted over all ranks, so all ranks raise together instead of hanging).
+
+        Without loss scaling a non-finite loss has already poisoned the weights; none of it is
+        saved, since this runs before the round's validation and checkpoint.
+        """
+        if nonfinite == 0 or self.scaler.is_enabled():
+            return
+        passes = f"epoch {first + 1}" if last == first + 1 else f"epochs {first + 1}-{last}"
+        raise FloatingPointError(
+            f"{self.settings.label}: the loss became non-finite in {passes} ({nonfinite} steps); lower training.learning_rate"
+        )
 
     def _step_learning_rate(self) -> None:
         """Advance the per-step schedule: warm-up then hand over to the plateau rule, or cosine to the end."""
@@ -462,6 +603,8 @@ class Trainer:
                 "scheduler": self.plateau.state_dict(),
                 "step_scheduler": self.step_schedule.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps,
+                "optimizer_steps": self.optimizer_steps,
                 "history": progress.history,
                 "best_epoch": progress.best_epoch,
                 "best_metric": progress.best_metric,
@@ -471,7 +614,12 @@ class Trainer:
         )
 
     def _resume(self, initial_weights: dict[str, torch.Tensor]) -> _Progress:
-        """Restore this job's latest epoch; anything unusable means a fresh start (with a warning)."""
+        """Restore this job's latest round; anything unusable means a fresh start (with a warning).
+
+        Every part is read and checked before any is applied, and a failure while applying resets
+        the network, optimizer, schedules and scaler alike: a half-restored state (the network
+        fresh but the optimizer's moments from the file) would train on silently.
+        """
         files = self.files
         if not files.resume.is_file():
             return _Progress()
@@ -482,22 +630,34 @@ class Trainer:
                 return _Progress()
             if payload["best_epoch"] > 0:
                 load_checkpoint(files.best)  # the best weights must be readable too, or the run cannot finish
-            self.network.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            self.plateau.load_state_dict(payload["scheduler"])
-            self.step_schedule.load_state_dict(payload["step_scheduler"])
-            self.scaler.load_state_dict(payload["scaler"])
-            restore_rng_state(payload["rng"])
-            return _Progress(
+            parts = {key: payload[key] for key in ("model", "optimizer", "scheduler", "step_scheduler", "scaler", "rng")}
+            progress = _Progress(
                 history=list(payload["history"]),
                 best_epoch=int(payload["best_epoch"]),
                 best_metric=float(payload["best_metric"]),
                 epochs_without_improvement=int(payload["epochs_without_improvement"]),
             )
+            counters = int(payload.get("skipped_steps", 0)), int(payload.get("optimizer_steps", 0))
         except (CheckpointError, FileNotFoundError, KeyError, RuntimeError, ValueError, TypeError) as error:
             report_training_from_scratch(files.work_dir, f"cannot resume ({error})")
-            self.network.load_state_dict(initial_weights)
             return _Progress()
+        try:
+            self.network.load_state_dict(parts["model"])
+            self.optimizer.load_state_dict(parts["optimizer"])
+            self.plateau.load_state_dict(parts["scheduler"])
+            self.step_schedule.load_state_dict(parts["step_scheduler"])
+            if parts["scaler"] and self.scaler.is_enabled():
+                self.scaler.load_state_dict(parts["scaler"])
+            # else: saved without loss scaling (a CPU or bfloat16 run) and resumed with it, or the other way
+            # round: the scaler starts afresh (its scale adapts within a few steps); nothing else differs.
+            restore_rng_state(parts["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+            report_training_from_scratch(files.work_dir, f"cannot resume ({type(error).__name__}: {str(error)[:200]})")
+            self.network.load_state_dict(initial_weights)
+            self._build_optimization()
+            return _Progress()
+        self.skipped_steps, self.optimizer_steps = counters
+        return progress
 
     def _state(self, finished: bool, **extra: Any) -> dict[str, Any]:
         progress = self.progress
@@ -529,7 +689,7 @@ class Trainer:
         if best_outputs is None:  # the best epoch ran before a resume: recompute its validation outputs
             best_outputs = self._validate()
         summary = summarize(best_outputs) if summarize is not None else {}
-        stopped_early = len(progress.history) < self.epochs
+        stopped_early = len(progress.history) < self.rounds
         distributed.barrier()  # every rank has read checkpoint.pt before rank 0 replaces it
         if distributed.is_main_process():
             # checkpoint.pt alone then describes the finished model (history and validation summary too).
@@ -571,7 +731,7 @@ def _build_phase(
         return _Phase(network.head, network.head, FeatureBatches(train_features, train[1]), FeatureBatches(valid_features, valid[1]), 0)
     if training.finetune == "full":
         unfreeze_top_groups(network, layer_groups(network.backbone), -1)
-    augmenter = build_augmenter(training.augment)
+    augmenter = None if training.augment_on_device else build_augmenter(training.augment)  # else: Trainer.device_augmenter
     return _Phase(
         network, network, ImageBatches(train[0], train[1], augmenter), ImageBatches(valid[0], valid[1]), settings.num_workers
     )
@@ -632,10 +792,50 @@ def _should_stop(progress: _Progress, training: TrainingConfig) -> bool:
     return patience > 0 and progress.epochs_without_improvement >= patience
 
 
-def _check_finite(loss: torch.Tensor, settings: RunSettings, epoch: int, shard: distributed.Shard) -> None:
-    """Stop on a non-finite loss, on every rank at once (a lone rank raising would leave the others hanging)."""
-    here = not bool(torch.isfinite(loss))
-    anywhere = distributed.any_rank(here) if shard.distributed else here  # every rank joins the collective
-    if anywhere:
-        value = loss.item() if here else "non-finite on another rank"
-        raise FloatingPointError(f"{settings.label}: loss became {value} in epoch {epoch + 1}; lower training.learning_rate")
+FINITE_CHECK_STEPS = 100  # without loss scaling, non-finite losses are looked for every this many steps (and per round)
+MAX_CONSECUTIVE_SKIPS = 50  # float16: this many skipped steps in a row means NaN, not overflow
+
+
+class LossTally:
+    """A round's training loss summed on the device, so no step waits for the GPU to report it.
+
+    Non-finite losses are counted, not summed (with float16 loss scaling they are skipped steps).
+    float64 where the device has it: the sum is then the one Python floats gave before.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.total = torch.zeros((), dtype=dtype, device=device)
+        self.count = torch.zeros((), dtype=dtype, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, weight: int) -> None:
+        finite = torch.isfinite(loss)
+        self.total += torch.where(finite, loss.to(self.total.dtype) * weight, 0.0)
+        self.count += finite.to(self.count.dtype) * weight
+        self.nonfinite += (~finite).to(torch.int64)
+        self.steps += 1
+
+    def nonfinite_count(self) -> int:
+        return int(self.nonfinite.item())
+
+    def totals(self) -> list[float]:
+        """(loss sum, images, non-finite steps) as plain numbers: one sync, at the end of a round."""
+        return [float(value) for value in torch.stack([self.total, self.count, self.nonfinite.to(self.total.dtype)]).cpu()]
+
+    def mean(self) -> float:
+        total, count, _ = self.totals()
+        return total / max(count, 1.0)
+
+
+def grad_scaler(device_settings: DeviceSettings) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast only (bfloat16 and float32 gradients do not underflow)."""
+    return torch.amp.GradScaler(device_settings.device.type, enabled=device_settings.scales_loss)
+
+
+def _batch_bytes(dataset: torch.utils.data.Dataset, batch_size: int) -> int:
+    """Bytes of one uint8 image batch of `dataset` (0 for cached features)."""
+    images = getattr(dataset, "images", None)
+    shape = tuple(getattr(images, "shape", ()))
+    return batch_size * int(np.prod(shape[1:])) if len(shape) == 4 else 0

@@ -61,11 +61,16 @@ def process_seed(seed: int, rank: int) -> int:
     return (seed + rank * 1_000_033) % 2**63
 
 
-def make_repeatable(device: torch.device) -> None:
-    """Cheap determinism: cuDNN picks fixed algorithms (CPU kernels are deterministic already)."""
+def configure_cudnn(device: torch.device, deterministic: bool = False) -> None:
+    """CUDA: cuDNN times its algorithms once for the (fixed) input shape and keeps the fastest, by default.
+
+    `deterministic` (training.deterministic) asks for cuDNN's fixed algorithms instead: reruns are
+    then byte-identical on the same GPU and software, at some speed. CPU kernels are deterministic
+    already, so nothing changes there.
+    """
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
 
 
 def report_training_from_scratch(path: Path | str, reason: str) -> None:
