@@ -106,6 +106,8 @@ class RunSettings:
     num_workers: int = 0
     progress: bool = False
     label: str = "model"  # shown in logs and progress bars
+    config_section: str = "training settings"  # the config table of these settings, named in error messages
+    rate_key: str = "learning_rate"  # the key of that table setting this phase's learning rate
 
 
 @dataclass
@@ -229,7 +231,9 @@ def warm_start_head(
             return
         except (CheckpointError, FileNotFoundError, KeyError, RuntimeError) as error:
             log.warning("%s: finished head warm-up cannot be loaded (%s); training it again", work_dir, error)
-    head_settings = dataclasses.replace(settings, label=f"{settings.label} head-warmup")
+    head_settings = dataclasses.replace(
+        settings, label=f"{settings.label} head-warmup", rate_key="head_warmup_learning_rate" if training.head_warmup_learning_rate else "learning_rate"
+    )
     train, valid = data
     fit_network(
         network, objective, head_training, train, valid, work_dir, head_settings, checkpoint_metadata, head_fingerprint,
@@ -638,4 +642,6 @@ def _check_finite(loss: torch.Tensor, settings: RunSettings, epoch: int, shard: 
     anywhere = distributed.any_rank(here) if shard.distributed else here  # every rank joins the collective
     if anywhere:
         value = loss.item() if here else "non-finite on another rank"
-        raise FloatingPointError(f"{settings.label}: loss became {value} in epoch {epoch + 1}; lower training.learning_rate")
+        section = settings.config_section
+        where = f"{settings.rate_key} of {section}" if " " in section else f"{section}.{settings.rate_key}"
+        raise FloatingPointError(f"{settings.label}: loss became {value} in epoch {epoch + 1}; lower {where}")
