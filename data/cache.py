@@ -197,13 +197,13 @@ def check_free_space(folder: Path, needed: int, image_size: int) -> None:
     if needed > free:
         raise DataError(
             folder,
-            f"the image cache needs {_gigabytes(needed)} ({image_size} px images) but only {_gigabytes(free)} is free; "
+            f"the image cache needs {_readable_size(needed)} ({image_size} px images) but only {_readable_size(free)} is free; "
             "free space, set data.cache_dir to a larger disk, or lower data.image_size",
         )
 
 
-def _gigabytes(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+def _readable_size(size: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size / 1e3:.1f} kB"

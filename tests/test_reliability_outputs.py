@@ -276,4 +276,12 @@ def test_predict_reads_only_the_test_folder_and_never_writes_inside_the_run(trai
     out = tmp_path / "submission.csv"
     predict(run, data / "test", out)
     assert snapshot(run) == before_run and not (run / "cache").exists()
-    assert list((data / "test" / ".cache").glob("images-*.npy"))
+    assert not (data / "test" / ".cache").exists()
+    assert len(list((data / ".cache").glob("images-*.npy"))) == 3  # train and valid (train-all), then test
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data / "test", elsewhere)
+    predict(run, elsewhere, tmp_path / "elsewhere.csv")
+    assert snapshot(run) == before_run and sorted(path.name for path in elsewhere.iterdir()) == sorted(
+        path.name for path in (data / "test").iterdir()
+    )
+    assert (tmp_path / "elsewhere.csv").read_text() == out.read_text()

@@ -128,24 +128,27 @@ def configured_cache_dir(config: Config, where: str = "data.cache_dir") -> Path:
 
 
 @contextlib.contextmanager
-def prediction_cache_dir(images_dir: Path, config: Config) -> Iterator[Path]:
-    """Where predict (and ablation --images) cache the test images, never inside the run: a run
-    is what train-all wrote, and predict must run from a read-only copy of it.
+def prediction_cache_dir(images_dir: Path, config: Config, data_dir: Path | None) -> Iterator[Path]:
+    """Where predict (and ablation --images) cache the test images: never inside the run (a run is
+    what train-all wrote; predict must work from a read-only copy) nor inside the image folder.
 
-    data.cache_dir when set, else IMAGES/.cache beside the images (reused by the next predict on
-    the same folder; list_image_folder skips hidden folders), else, for a read-only image folder,
-    a temporary folder removed afterwards (the images are decoded again on each predict).
+    data.cache_dir when set; else, for a test folder of the run's data folder (DATA/test), the
+    DATA/.cache train-all already uses, so the next predict reuses it; else (images elsewhere, or
+    DATA read-only) a temporary folder removed afterwards: the images are decoded again next time.
     """
     if config.data.cache_dir:
         yield configured_cache_dir(config)
         return
-    beside = Path(images_dir) / ".cache"
-    problem = _cannot_write(beside) if Path(images_dir).is_dir() else None
-    if problem is None:
-        yield beside
-        return
+    parent = Path(images_dir).resolve().parent
+    problem = "not in the run's data folder"
+    if data_dir is not None and parent == Path(data_dir).resolve():
+        shared = parent / ".cache"
+        problem = _cannot_write(shared) or ""
+        if not problem:
+            yield shared
+            return
     with tempfile.TemporaryDirectory(prefix="conceptclef-test-cache-") as temporary:
-        log.info("%s is not writable (%s): caching the test images in %s until predict ends", beside, problem, temporary)
+        log.info("%s: caching the test images in %s until predict ends (%s)", images_dir, temporary, problem)
         yield Path(temporary)
 
 

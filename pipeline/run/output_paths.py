@@ -86,7 +86,7 @@ def _check_can_create_files(folder: Path) -> None:
 
 
 # Names of concept and ground-truth files: *concepts*, *cuis*, *categories*, *truth*, gt.* (and cui_mapping.csv).
-_GROUND_TRUTH_NAME = re.compile(r"concept|cui|categor|truth|(^|[^a-z])gt([^a-z]|$)")
+_GROUND_TRUTH_NAME = re.compile(r"concept|categor|truth|(^|[^a-z])(cuis?|gt)([^a-z]|$)")
 _TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 
 

@@ -41,6 +41,7 @@ from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.stages.predict import RunModels, unlabelled_images_at_size
 from conceptclef.pipeline.stages.reports import write_ablation_report
 from conceptclef.pipeline.run.directory import Manifest, load_run_config, prediction_cache_dir
+from conceptclef.pipeline.run.output_paths import RunInputs
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.stages.stacking import (
     BaseOutputs,
@@ -239,7 +240,7 @@ def _test_outputs(
     categories_path: Path | None,
 ) -> LabelledOutputs:
     truth_by_id = read_concept_file(truth_path)
-    with prediction_cache_dir(images_dir, config) as cache_dir:
+    with prediction_cache_dir(images_dir, config, RunInputs.of(layout).data_dir) as cache_dir:
         image_set, _ = load_unlabelled_set(images_dir, config, cache_dir)
         missing = [image_id for image_id in image_set.image_ids if image_id not in truth_by_id]
         if missing:

@@ -169,10 +169,12 @@ def predict_submission(
     check_device_available(config.device, locate_key(layout.config_path, ("device",)))
     models = RunModels.load(layout, manifest, config)
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
-    with prediction_cache_dir(Path(images_dir), config) as cache_dir:
+    with prediction_cache_dir(Path(images_dir), config, inputs.data_dir) as cache_dir:
         image_set, bad = load_unlabelled_set(Path(images_dir), config, cache_dir)
         at_size = unlabelled_images_at_size(Path(images_dir), config, cache_dir, image_set)
+        log.info("predict: %d images of %s (image cache in %s); running %d networks", len(image_set.records), images_dir, cache_dir, 2 + len(models.category_models) + len(models.extra_global_models))
         outputs = models.predict(image_set, at_size)
+    log.info("predict: stacking and deciding the concepts")
     summary = write_predictions(outputs, models.vocabulary, ensemble, Path(out_path), submission_format)
     if zip_path is not None:
         summary["upload_zip"] = str(write_upload_zip(out_path, zip_path))
