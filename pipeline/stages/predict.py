@@ -158,8 +158,8 @@ def predict_submission(
     layout = RunLayout(Path(run_dir))
     inputs = RunInputs.of(layout)
     check_images_folder(Path(images_dir), inputs)
-    outputs = [Path(out_path), probabilities_path_for(Path(out_path)), *([zip_path] if zip_path is not None else [])]
-    check_not_an_input(outputs, inputs, Path(images_dir))
+    written = [Path(out_path), probabilities_path_for(Path(out_path)), *([zip_path] if zip_path is not None else [])]
+    check_not_an_input(written, inputs, Path(images_dir))
     protected = {"the run directory": layout.root, "the image folder": Path(images_dir), **inputs.image_folders}
     check_submission_path(Path(out_path), protected, overwrite)
     if zip_path is not None:
