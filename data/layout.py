@@ -156,7 +156,8 @@ def list_image_folder(folder: Path | str, mixed_layout_error: bool = False) -> l
     if not records:
         if split_folders:
             names = ", ".join(entry.name for entry in split_folders)
-            raise DataError(folder, f"this is a data folder (it holds {names}), not an image folder: give one split, e.g. {split_folders[-1]}")
+            example = next((entry for entry in split_folders if entry.name.lower() in _SPLIT_ALIASES["test"]), split_folders[0])
+            raise DataError(folder, f"this is a data folder (it holds {names}), not an image folder: give one split, e.g. {example}")
         found = f"; skipped {len(skipped)}: {_first_skipped(skipped)}" if skipped else ""
         raise DataError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS[:8])}, ... any format Pillow reads) in this folder or its sub-folders{found}")
     seen: dict[str, Path] = {}

@@ -108,7 +108,7 @@ def test_a_data_folder_is_not_an_image_folder(tmp_path: Path) -> None:
         make_image(data / split / f"{split}1.jpg")
     with pytest.raises(DataError) as error:
         list_image_folder(data)
-    assert str(error.value) == f"{data}: this is a data folder (it holds test, train, valid), not an image folder: give one split, e.g. {data / 'valid'}"
+    assert str(error.value) == f"{data}: this is a data folder (it holds test, train, valid), not an image folder: give one split, e.g. {data / 'test'}"
 
 
 def test_sub_folders_of_a_flat_folder_are_left_out_with_the_warning(tmp_path: Path, caplog) -> None:

@@ -268,7 +268,7 @@ def test_predict_reads_only_the_test_folder_and_never_writes_inside_the_run(trai
     data, run = trained["data"], trained["run"]
     before_run = snapshot(run)
     message = cli_error("predict", "--run", run, "--images", data, "--out", tmp_path / "all.csv")
-    assert message == f"error: {data}: this is a data folder (it holds test, train, valid), not an image folder: give one split, e.g. {data / 'valid'}"
+    assert message == f"error: {data}: this is a data folder (it holds test, train, valid), not an image folder: give one split, e.g. {data / 'test'}"
     message = cli_error("validate", tmp_path / "all.csv", "--images", data)
     assert message.startswith(f"error: {data}: this is a data folder")
     message = cli_error("predict", "--run", run, "--images", data / "valid", "--out", tmp_path / "valid.csv")

@@ -279,7 +279,7 @@ def _prepare_worker(
     The device is an execution detail: the run's saved config keeps what the user asked for.
     """
     seed_everything(config.seed)
-    train, valid = load_training_sets(data_dir, config, cache_dir)
+    train, valid = load_training_sets(data_dir, config, cache_dir, announce=False)  # the parent said it
     if _image_ids_digest(train, valid) != expected_ids:
         raise RunDirectoryError(f"{data_dir}: the images changed while train-all was starting; run it again")
     return _WorkerContext(layout, config.replace(device=device), train, valid, data_dir)
