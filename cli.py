@@ -109,7 +109,7 @@ def predict(
     run: Path = typer.Option(..., help="Run directory made by train-all."),
     images: Path = typer.Option(..., help="Folder of test images."),
     out: Path = typer.Option(..., help="Submission file to write."),
-    format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs; also 2026)."),
+    format: str = typer.Option("2020", help="Submission format: 2020 (ID<TAB>CUI;CUI) or 2025 (ID,CUIs); 2026 is the 2025 format."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that predict did not write."),
     zip_: bool = typer.Option(
         False, "--zip", help="With --format 2025: also write OUT with .zip, holding only submission.csv (the upload)."
@@ -149,10 +149,16 @@ def evaluate(
         return
     typer.echo(f"F1 {report.score:.4f} over {report.n_images} images")
     secondary = report.secondary
-    typer.echo(
-        f"secondary F1 {secondary.score:.4f} over {secondary.n_images} images "
-        f"({len(report.secondary_concepts)} CUIs: {report.secondary_source})"
-    )
+    if secondary.n_images == 0:  # an F1 over no image is no score, not 0.0
+        typer.echo(
+            f"secondary F1 n/a: no image of the ground truth has one of the {len(report.secondary_concepts)} CUIs "
+            f"({report.secondary_source})"
+        )
+    else:
+        typer.echo(
+            f"secondary F1 {secondary.score:.4f} over {secondary.n_images} images "
+            f"({len(report.secondary_concepts)} CUIs: {report.secondary_source})"
+        )
     for name, (score, count) in report.per_category.items():
         second, second_count = secondary.per_category.get(name, (float("nan"), 0))
         typer.echo(f"  {name:<10} {score:.4f}  ({count} images)  secondary {second:.4f} ({second_count} images)")
@@ -163,7 +169,7 @@ def evaluate(
 def validate(
     submission: Path = typer.Argument(..., help="Submission file, or the 2025/2026 upload .zip."),
     images: Path = typer.Option(..., help="Folder of the test images the submission must cover."),
-    format: Optional[str] = typer.Option(None, help="2020, 2022 or 2025 (2025/2026 checker); guessed from the file when omitted."),
+    format: Optional[str] = typer.Option(None, help="2020, 2022, 2025 or 2026 (the 2025/2026 checker); guessed from the file when omitted."),
 ) -> None:
     """Check a submission against the official rules of its format; exit non-zero when it breaks one."""
     from conceptclef.pipeline.stages.evaluate import validate_submission_file

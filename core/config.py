@@ -8,6 +8,7 @@ typo in a config would otherwise cost hours of training with the default value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 import tomllib
@@ -29,7 +30,8 @@ class Check:
     """Limits of one config value, checked at load so a bad value fails before any work starts.
 
     A new field gets checks by declaring them, e.g. `epochs: int = checked(10, ge=1)`; `le_key`
-    names another key of the same section that this value may not exceed.
+    names another key of the same section that this value may not exceed. Every float must be
+    finite (nan and inf pass some comparisons and would only fail mid-training).
     """
 
     ge: float | None = None
@@ -39,9 +41,12 @@ class Check:
     le_key: str | None = None
     pattern: str | None = None  # a regular expression the whole string must match
     why: str = ""  # shown after the error, when the limit is not self-explanatory
+    why_above: str = ""  # shown only when the value is above `le`/`lt`: why the upper limit is there
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value`, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"  # nan fails every comparison, inf passes every lower bound
         if self.pattern is not None and isinstance(value, str) and not re.fullmatch(self.pattern, value):
             return f"must match {self.pattern}"
         limits = [(self.ge, ">=", operator.ge), (self.gt, ">", operator.gt), (self.le, "<=", operator.le), (self.lt, "<", operator.lt)]
@@ -50,6 +55,11 @@ class Check:
                 return f"must be {sign} {int(limit) if float(limit).is_integer() else limit}"
         return None
 
+    def reason(self, value: Any) -> str:
+        """The explanation shown after the problem: `why`, and `why_above` when the value is too large."""
+        too_large = (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
+        return "; ".join(why for why in (self.why, self.why_above if too_large else "") if why)
+
 
 CHECK = "check"  # the dataclasses.field metadata key holding a Check
 
@@ -57,6 +67,12 @@ CHECK = "check"  # the dataclasses.field metadata key holding a Check
 def checked(default: Any, **limits: Any) -> Any:
     """A dataclass field with a default and the limits of a Check (see Check)."""
     return field(default=default, metadata={CHECK: Check(**limits)})
+
+
+# The image cache holds S x S x 3 bytes per image: 2048 px is 12.6 MB an image (1.5 TB for
+# ImageCLEF 2026's ~116,000 images), far beyond what any backbone here gains from (224-600 px).
+MAX_IMAGE_SIZE = 2048
+IMAGE_SIZE_WHY = "the image cache stores size x size x 3 bytes per image: 2048 px is 12.6 MB an image"
 
 
 @dataclass(frozen=True)
@@ -81,17 +97,17 @@ class TrainingConfig:
     loss: Literal["bce", "soft_f1", "sf1_x_bce", "sf1_plus_bce", "asymmetric"] = "bce"
     class_weights: bool = False
     optimizer: Literal["adamw", "nadam"] = "adamw"
-    learning_rate: float = checked(1e-3, gt=0)
+    learning_rate: float = checked(1e-3, gt=0, le=10, why_above="a larger rate only diverges; typical rates are 1e-5 to 1e-1")
     weight_decay: float = checked(1e-4, ge=0)
-    batch_size: int = checked(32, ge=1)
-    epochs: int = checked(10, ge=1)
+    batch_size: int = checked(32, ge=1, le=65536, why_above="images per step; larger batches fit no device memory")
+    epochs: int = checked(10, ge=1, le=10000, why_above="more epochs than this is a typo (early stopping ends training sooner)")
     early_stopping_patience: int = checked(3, ge=0)  # 0: never stop early
     lr_reduce_patience: int = checked(1, ge=0)
     lr_reduce_factor: float = checked(0.3, gt=0, le=1)
     unfreeze_every_epochs: int = checked(1, ge=1)  # layerwise: one more block of the backbone per this many epochs
     # Fine-tuning recipe (training.schedule; the head warm-up in training.loop); the defaults are the plain loop.
     head_warmup_epochs: int = checked(0, ge=0)  # full/layerwise: first train the head alone on cached backbone features
-    head_warmup_learning_rate: float = checked(0.0, ge=0)  # the head's rate in that warm-up (0: learning_rate)
+    head_warmup_learning_rate: float = checked(0.0, ge=0, le=10, why_above="a larger rate only diverges; typical rates are 1e-5 to 1e-1")  # the head's rate in that warm-up (0: learning_rate)
     backbone_lr_factor: float = checked(1.0, gt=0)  # the top backbone group learns at learning_rate x this
     layer_lr_decay: float = checked(1.0, gt=0, le=1)  # each lower unfreeze group learns at the rate of the group above x this
     schedule: Literal["plateau", "cosine"] = "plateau"  # after warm-up: reduce on a plateau, or cosine over the budget
@@ -137,19 +153,19 @@ class ExtraGlobalModel(TrainingConfig):
     """
 
     name: str = ""
-    image_size: int = 0
+    image_size: int = checked(0, ge=0, le=MAX_IMAGE_SIZE, why_above=IMAGE_SIZE_WHY)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """How images and concept files are read and turned into tensors and label matrices."""
 
-    image_size: int = checked(224, ge=1)
+    image_size: int = checked(224, ge=1, le=MAX_IMAGE_SIZE, why_above=IMAGE_SIZE_WHY)
     cache_dir: str = ""  # empty: DATA/.cache
     skip_bad_images: bool = False
     min_concept_count: int = checked(1, ge=1)  # CUIs seen fewer times in train are left out of a vocabulary
     min_category_images: int = checked(50, ge=0)  # fewer training images: the category uses the global model
-    num_workers: int = checked(0, ge=0)
+    num_workers: int = checked(0, ge=0, le=256, why_above="data-loader processes: more than the cores only costs memory")
     validation_fraction: float = checked(0.1, gt=0, lt=1)  # used when the data has no valid split
     # Frozen-backbone features (finetune = "head") shared by every model of a process
     # (training.feature_store): "disk" also keeps them in files so reruns skip the backbone,
@@ -169,7 +185,7 @@ class EnsembleConfig:
     n_estimators: int = checked(300, ge=1)  # boosting rounds (at most, with choose_rounds)
     choose_rounds: bool = True  # cross-fitting keeps the round count with the lowest held-out log-loss
     rounds_patience: int = checked(100, ge=1)  # with choose_rounds, a fold stops after this many rounds without a lower loss
-    learning_rate: float = checked(0.05, gt=0)
+    learning_rate: float = checked(0.05, gt=0, le=1, why_above="LightGBM shrinkage: each round adds at most its whole tree")
     min_child_samples: int = checked(20, ge=1)
     threshold_prior_strength: float = checked(10.0, ge=0)  # rare concepts shrink toward the global threshold
     min_labels: int = checked(1, ge=0, le_key="max_labels")
@@ -231,6 +247,8 @@ def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; --config takes a TOML file, e.g. configs/cpu.toml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text(encoding="utf-8-sig")
@@ -395,7 +413,7 @@ def _check_limits(built: Any, fields: Any, key_path: tuple[str, ...], origin: _O
         value = getattr(built, name)
         problem = check.problem(value)
         if problem is not None:
-            reason = f" ({check.why})" if check.why else ""
+            reason = f" ({check.reason(value)})" if check.reason(value) else ""
             path = key_path + (name,)
             raise ConfigError(f"{origin.where(path)}: {'.'.join(path)} = {value!r} {problem}{reason}")
     for name, check in checks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from conceptclef.core.partial_files import create_partial, remove_leftover_partials
 from conceptclef.core.runfiles import atomic_write_json, read_json
-from conceptclef.data.errors import ImageReadError
+from conceptclef.data.errors import DataError, ImageReadError
 from conceptclef.data.images import load_resized_array
 
 # Bump when load_resized_array changes its output (filter, colour handling...): old caches rebuild.
@@ -115,6 +116,7 @@ class ImageCache:
         meta_path: Path,
     ) -> dict:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.cache_dir, len(paths) * image_size * image_size * 3, image_size)
         handle, temporary = create_partial(array_path)
         os.close(handle)
         try:
@@ -153,8 +155,6 @@ class ImageCache:
             try:
                 array[index] = load_resized_array(paths[index], image_size)
             except ImageReadError as error:
-                if not skip_bad:
-                    raise
                 array[index] = 0
                 return str(error)
             return None
@@ -173,7 +173,40 @@ class ImageCache:
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+        if bad and not skip_bad:
+            raise _all_unreadable(paths, bad, reasons)
         return bad, reasons
+
+
+def _all_unreadable(paths: list[Path], bad: list[int], reasons: list[str], shown: int = 10) -> ImageReadError:
+    """Every unreadable image of the pass in one error (the first ten and the count), so a folder
+    with several broken files costs one rerun, not one per file; the error's path is the first."""
+    if len(bad) == 1:
+        return ImageReadError(paths[bad[0]], reasons[0].removeprefix(f"{paths[bad[0]]}: "))
+    listed = "; ".join(reasons[:shown]) + (f"; and {len(bad) - shown} more" if len(bad) > shown else "")
+    return ImageReadError(
+        paths[bad[0]],
+        f"{len(bad)} of {len(paths)} images are unreadable (fix or remove them, or set data.skip_bad_images = true): {listed}",
+    )
+
+
+def check_free_space(folder: Path, needed: int, image_size: int) -> None:
+    """Refuse a cache the disk cannot hold before writing a byte of it: a memmap filling the disk
+    fails late, half-way through decoding, and leaves the disk full for everything else."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DataError(
+            folder,
+            f"the image cache needs {_readable_size(needed)} ({image_size} px images) but only {_readable_size(free)} is free; "
+            "free space, set data.cache_dir to a larger disk, or lower data.image_size",
+        )
+
+
+def _readable_size(size: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.1f} kB"
 
 
 def _source_entry(path: Path) -> list:

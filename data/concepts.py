@@ -78,6 +78,8 @@ def read_cui_list(path: Path | str) -> list[str]:
         if not CUI_PATTERN.match(field):
             raise ConceptFileError(path, f"malformed CUI {field!r} (expected C and 7 digits)", number)
         cuis[field] = None
+    if not cuis:
+        raise ConceptFileError(path, "lists no CUI (one per line, or a CSV whose first column holds them)")
     return list(cuis)
 
 

@@ -36,6 +36,7 @@ _SPLIT_ALIASES = {
     "valid": ("valid", "validation", "val", "dev"),
     "test": ("test", "testing"),
 }
+_ALL_SPLIT_NAMES = {alias for aliases in _SPLIT_ALIASES.values() for alias in aliases}
 _CONCEPT_SUFFIXES = (".csv", ".txt", ".tsv")
 
 
@@ -84,6 +85,8 @@ def is_image_file(path: Path) -> bool:
 
 def why_not_an_image(path: Path) -> str:
     """Why a folder entry is not taken as an image, for the warning that names it."""
+    if path.name.startswith("."):
+        return "hidden file (its name starts with '.')"
     if path.is_symlink() and not path.exists():
         return "broken symbolic link"
     if path.is_dir():
@@ -98,30 +101,63 @@ def _first_skipped(skipped: list[tuple[Path, str]], shown: int = 5) -> str:
     return listed + (f", and {len(skipped) - shown} more" if len(skipped) > shown else "")
 
 
-def list_image_folder(folder: Path | str) -> list[ImageRecord]:
-    """Images of a folder sorted by ID: files directly inside (no category) and one level of
-    category sub-folders. The same ID twice (e.g. in two categories) is an error."""
+def _is_silent(entry: Path) -> bool:
+    """Hidden entries skipped without a word: folders (.cache, .git) and system files (.DS_Store).
+    A hidden file in an image format (`.x.jpg`) is named in the warning: it may be a real image."""
+    return entry.name.startswith(".") and (entry.is_dir() or entry.suffix.lower() not in IMAGE_EXTENSIONS)
+
+
+def _images_in(folder: Path, category: str | None, skipped: list[tuple[Path, str]]) -> list[ImageRecord]:
+    records = []
+    for path in sorted(folder.iterdir()):
+        if is_image_file(path):
+            records.append(ImageRecord(path.stem, path, category))
+        elif not _is_silent(path):
+            skipped.append((path, why_not_an_image(path)))
+    return records
+
+
+def list_image_folder(folder: Path | str, mixed_layout_error: bool = False) -> list[ImageRecord]:
+    """Images of a folder sorted by ID: the files directly inside (a flat folder), or, when there
+    are none, one level of category sub-folders (the 2020 layout: DATA/test/<CATEGORY>/<ID>.jpg).
+
+    Anything else is left out with one warning naming the first five and the count: other files,
+    hidden image files, folders nested deeper, every sub-folder of a flat folder, and folders
+    named as a split (train/, valid/, test/: the data folder given instead of one split, whose
+    images must never be read as one set). With `mixed_layout_error` (training splits), images
+    both directly inside and in category folders are an error, not a warning. The same ID twice
+    (e.g. in two categories) is an error.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "image folder not found")
-    records: list[ImageRecord] = []
     skipped: list[tuple[Path, str]] = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue  # .cache and other hidden folders
-        if entry.is_dir():
-            for path in sorted(entry.iterdir()):
-                if is_image_file(path):
-                    records.append(ImageRecord(path.stem, path, entry.name))
-                elif not path.name.startswith("."):
-                    skipped.append((path, why_not_an_image(path)))
-        elif is_image_file(entry):
-            records.append(ImageRecord(entry.stem, entry, None))
-        else:
-            skipped.append((entry, why_not_an_image(entry)))
+    records = _images_in(folder, None, skipped)
+    folders = [entry for entry, _ in skipped if entry.is_dir()]
+    skipped = [(entry, reason) for entry, reason in skipped if not entry.is_dir()]
+    split_folders = [entry for entry in folders if entry.name.lower() in _ALL_SPLIT_NAMES]
+    categories = [entry for entry in folders if entry not in split_folders]
+    skipped.extend((entry, "a split folder: give it alone as the image folder") for entry in split_folders)
+    if records:
+        nested = [entry for entry in categories if any(is_image_file(path) for path in entry.iterdir())]
+        if nested and mixed_layout_error:
+            raise DataError(
+                records[0].path,
+                f"this image lies directly in {folder} while others are in its sub-folders ({', '.join(entry.name for entry in nested[:5])}); "
+                "use one layout for train/ and valid/",
+            )
+        skipped.extend((entry, "a folder inside a flat image folder (its images are not read)") for entry in categories)
+    else:
+        for entry in categories:
+            records.extend(_images_in(entry, entry.name, skipped))
+    skipped.sort()
     if skipped and records:
         log.warning("%s: skipped %d entries that are not readable images: %s", folder, len(skipped), _first_skipped(skipped))
     if not records:
+        if split_folders:
+            names = ", ".join(entry.name for entry in split_folders)
+            example = next((entry for entry in split_folders if entry.name.lower() in _SPLIT_ALIASES["test"]), split_folders[0])
+            raise DataError(folder, f"this is a data folder (it holds {names}), not an image folder: give one split, e.g. {example}")
         found = f"; skipped {len(skipped)}: {_first_skipped(skipped)}" if skipped else ""
         raise DataError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS[:8])}, ... any format Pillow reads) in this folder or its sub-folders{found}")
     seen: dict[str, Path] = {}
@@ -224,7 +260,7 @@ def load_split(data_dir: Path | str, split: str, allow_unlisted: bool = False) -
     """
     concept_path = find_concept_file(data_dir, split)
     image_folder = split_folder(data_dir, split)
-    images = {record.image_id: record for record in list_image_folder(image_folder)}
+    images = {record.image_id: record for record in list_image_folder(image_folder, mixed_layout_error=True)}
     rows = read_concept_rows(concept_path)
     if split in COMBINED_SPLITS and concept_path.parent == Path(data_dir) and splits_named(concept_path.name) != {split}:
         rows = rows_of_split(rows, split, concept_path)  # the combined train+valid file

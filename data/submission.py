@@ -26,6 +26,12 @@ from conceptclef.data.errors import SubmissionError
 
 FORMATS = ("2020", "2025")  # what predict writes
 READ_FORMATS = ("2020", "2022", "2025")  # what evaluate reads
+FORMAT_ALIASES = {"2026": "2025"}  # 2026 kept the 2025 format and checker
+
+
+def canonical_format(format: str | None) -> str | None:
+    """The format a name stands for: 2026 is the 2025 format."""
+    return FORMAT_ALIASES.get(format, format) if format is not None else None
 MAX_CONCEPTS_PER_IMAGE = 100
 UPLOAD_MEMBER = "submission.csv"  # the only file the 2025/2026 challenge site takes inside the zip
 _HEADER_2025 = ("ID", "CUIs")
@@ -56,6 +62,7 @@ def write_submission(
     here with the image named, so the file on disk always passes `validate_submission`.
     """
     path = Path(path)
+    format = canonical_format(format) or format
     _check_format(path, format, FORMATS)
     lines: list[str] = [",".join(_HEADER_2025)] if format == "2025" else []
     for image_id in sorted(predictions, key=natural_key):
@@ -158,8 +165,7 @@ def read_submission_rows(path: Path | str, format: str | None = None) -> list[Su
     """Every data row with its line number, as written."""
     path = Path(path)
     lines = _read_lines(path)
-    if format is None:
-        format = sniff_format(lines)
+    format = canonical_format(format) or sniff_format(lines)
     _check_format(path, format, READ_FORMATS)
     rows: list[SubmissionRow] = []
     for index, (number, text) in enumerate(lines):
@@ -194,8 +200,7 @@ def validate_submission(path: Path | str, image_ids: Iterable[str], format: str 
     if path.suffix.lower() == ".zip":
         return check_upload_2025(path, _read_upload_zip(path), image_ids)
     lines = _read_lines(path)
-    if format is None:
-        format = sniff_format(lines)
+    format = canonical_format(format) or sniff_format(lines)
     _check_format(path, format, READ_FORMATS)
     if format == "2025":
         return check_upload_2025(path, path.read_bytes(), image_ids)
@@ -339,10 +344,14 @@ def _check_format(path: Path, format: str, allowed: tuple[str, ...]) -> None:
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a submission, or of the submission.csv inside a 2025/2026 upload zip."""
     if not path.is_file():
         raise SubmissionError(path, "submission file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".zip":
+            text = _read_upload_zip(path).decode("utf-8-sig")
+        else:
+            text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise SubmissionError(path, "not UTF-8 text") from None
     return [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]

@@ -134,7 +134,7 @@ def load_labelled_set(split: LabelledSplit, config: Config, cache_dir: Path) -> 
 UNCATEGORISED = "ALL"  # the one category of flat data whose labels name no modality (or with derivation off)
 
 
-def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
+def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = None, announce: bool = True) -> tuple[ImageSet, ImageSet]:
     """The train and valid image sets; without a valid split, a stratified slice of train.
 
     Images straight in train/ and valid/ (no category sub-folders, as ImageCLEF 2021-2026 ship
@@ -142,12 +142,13 @@ def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = 
     config); a split mixing both layouts is refused. Both concept files are read and every
     category assigned before any image is decoded, so a bad row fails in seconds, not after caching.
     `cache_dir` overrides where the image cache goes (train-all: see pipeline.run.directory.image_cache_dir).
+    `announce` logs the derived categories; off when the same data are read again at another image size.
     """
     data_dir = Path(data_dir)
     if cache_dir is None:
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else data_dir / ".cache"
     has_valid = (data_dir / "valid").is_dir()
-    splits = assign_categories([load_split(data_dir, "train"), *([load_split(data_dir, "valid")] if has_valid else [])], config)
+    splits = assign_categories([load_split(data_dir, "train"), *([load_split(data_dir, "valid")] if has_valid else [])], config, announce)
     image_sets = [load_labelled_set(split, config, cache_dir) for split in splits]
     if has_valid:
         return image_sets[0], image_sets[1]
@@ -165,7 +166,7 @@ def load_training_sets(data_dir: Path, config: Config, cache_dir: Path | None = 
     return train.subset(kept), train.subset(held)
 
 
-def assign_categories(splits: list[LabelledSplit], config: Config) -> list[LabelledSplit]:
+def assign_categories(splits: list[LabelledSplit], config: Config, announce: bool = True) -> list[LabelledSplit]:
     """Folder categories as they are; flat splits get categories derived from their labels.
 
     When no training image names a modality of the mapping (or the mapping is empty), flat data
@@ -189,14 +190,29 @@ def assign_categories(splits: list[LabelledSplit], config: Config) -> list[Label
         why = "[categories] maps no CUI" if not mapping else "no training image has a modality CUI of [categories]"
         log.info("flat train/ and valid/ folders, %s: one category, %s", why, UNCATEGORISED)
         return [_with_categories(split, [UNCATEGORISED] * len(split)) for split in splits]
+    if announce:
+        _warn_unused_modality_cuis(mapping, splits[0])
     result = []
     for split, found in zip(splits, derived):
-        log.info("%s: categories from modality CUIs: %s", split.name, found.summary())
+        if announce:
+            log.info("%s: categories from modality CUIs: %s", split.name, found.summary())
         unseen = sorted(set(found.categories) - trained - {UNROUTED})
-        if unseen:
+        if unseen and announce:
             log.warning("%s: categories %s have no training image; their images are left out of routing", split.name, ", ".join(unseen))
         result.append(_with_categories(split, [category if category in trained else UNROUTED for category in found.categories]))
     return result
+
+
+def _warn_unused_modality_cuis(mapping: ModalityMapping, train: LabelledSplit) -> None:
+    """A [categories] CUI no training image carries routes nothing: usually a typo or another
+    edition's code, and its category silently loses those images."""
+    carried = {cui for concepts in train.concept_lists for cui in concepts}
+    for cui, category in sorted(mapping.category_of_cui.items(), key=lambda item: (item[1], item[0])):
+        if cui not in carried:
+            log.warning(
+                "[categories.modality_cuis] %s: %s is on no training image, so it derives no %s image (a typo, or another edition's CUI?)",
+                category, cui, category,
+            )
 
 
 def _with_categories(split: LabelledSplit, categories: list[str]) -> LabelledSplit:

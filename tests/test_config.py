@@ -148,3 +148,24 @@ def test_new_fields_get_checks_by_declaring_them():
     with pytest.raises(ConfigError, match=r"^x\.toml:2: s\.warmup_epochs = 9 must be <= s\.epochs = 5$"):
         config_module._build(Section, {"warmup_epochs": 9}, ("s",), origin)
     assert config_from_dict({}).ensemble.max_labels == 100  # the defaults pass their own checks
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.image_size=100000", "data.image_size = 100000 must be <= 2048 (the image cache stores size x size x 3 bytes per image"),
+        ("extra_global_models=[{name = \"big\", image_size = 5000}]", "extra_global_models.0.image_size = 5000 must be <= 2048"),
+        ("data.num_workers=100000", "data.num_workers = 100000 must be <= 256"),
+        ("router.epochs=10000000", "router.epochs = 10000000 must be <= 10000"),
+        ("global_model.batch_size=10000000", "global_model.batch_size = 10000000 must be <= 65536"),
+        ("category_model.learning_rate=inf", "category_model.learning_rate = inf must be a finite number"),
+        ("router.learning_rate=1e308", "router.learning_rate = 1e+308 must be <= 10 (a larger rate only diverges"),
+        ("router.learning_rate=nan", "router.learning_rate = nan must be a finite number"),
+        ("ensemble.learning_rate=inf", "ensemble.learning_rate = inf must be a finite number"),
+        ("ensemble.threshold_prior_strength=inf", "ensemble.threshold_prior_strength = inf must be a finite number"),
+    ],
+)
+def test_values_that_would_fill_the_disk_or_never_end_are_refused(override, message):
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(Config(), [override])
+    assert message in str(error.value) and str(error.value).count("\n") == 0

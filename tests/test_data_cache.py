@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,14 @@ from PIL import Image
 
 import conceptclef.data.cache as cache_module
 from conceptclef.data.cache import ImageCache
-from conceptclef.data.errors import ImageReadError
+from conceptclef.data.errors import DataError, ImageReadError
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
-        pixels = np.full((40, 50, 3), 20 * index, dtype=np.uint8)
+        pixels = np.full((40, 50, 3), 20 * index % 256, dtype=np.uint8)
         pixels[:5] = 255
         path = folder / f"img{index}.png"
         Image.fromarray(pixels).save(path)
@@ -142,3 +143,33 @@ def test_deleted_array_rebuilds(tmp_path: Path) -> None:
 
 def test_empty_path_list(tmp_path: Path) -> None:
     assert ImageCache(tmp_path / "cache").image_array([], 16, progress=False).array.shape == (0, 16, 16, 3)
+
+
+def test_several_unreadable_images_are_all_named_in_one_error(tmp_path: Path) -> None:
+    paths = make_images(tmp_path / "img", 15)
+    for index in range(1, 13):
+        paths[index].write_bytes(b"")
+    with pytest.raises(ImageReadError) as error:
+        ImageCache(tmp_path / "cache").image_array(paths, 16, progress=False)
+    message = str(error.value)
+    assert error.value.path == paths[1] and "12 of 15 images are unreadable" in message
+    assert all(f"img{index}.png" in message for index in range(1, 11)) and "and 2 more" in message
+    assert "img11.png" not in message and "data.skip_bad_images" in message
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = make_images(tmp_path / "img", 3)
+    free = 2 * 64 * 64 * 3  # room for two 64 px images of the three
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda folder: shutil_usage(free))
+    calls = count_builds(monkeypatch)
+    with pytest.raises(DataError) as error:
+        ImageCache(tmp_path / "cache").image_array(paths, 64, progress=False)
+    assert str(error.value) == (
+        f"{tmp_path / 'cache'}: the image cache needs 36.9 kB (64 px images) but only 24.6 kB is free; "
+        "free space, set data.cache_dir to a larger disk, or lower data.image_size"
+    )
+    assert not calls and not list((tmp_path / "cache").glob("*.npy*"))
+
+
+def shutil_usage(free: int) -> "shutil._ntuple_diskusage":
+    return shutil._ntuple_diskusage(10 * free, 9 * free, free)

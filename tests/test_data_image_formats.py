@@ -38,13 +38,15 @@ def test_skipped_entries_are_counted_and_named(real_radiology_formats: dict[str,
     (folder / "notes.txt").write_text("not an image\n")
     (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (folder / "DRCT" / "deeper").mkdir(parents=True)
-    (folder / ".DS_Store").write_bytes(b"\0")  # hidden files are the system's, not the user's images
+    (folder / ".DS_Store").write_bytes(b"\0")  # hidden system files are the system's, not the user's images
+    shutil.copyfile(real_radiology_formats[".png"], folder / ".scan.png")  # a hidden image may be the user's
     with caplog.at_level(logging.WARNING, logger="conceptclef"):
         records = list_image_folder(folder)
     assert len(records) == len(real_radiology_formats)
     assert [record.getMessage() for record in caplog.records] == [
-        f"{folder}: skipped 3 entries that are not readable images: "
-        f"{folder / 'DRCT' / 'deeper'} (a folder inside a category folder (only one level of folders is read)), "
+        f"{folder}: skipped 4 entries that are not readable images: "
+        f"{folder / '.scan.png'} (hidden file (its name starts with '.')), "
+        f"{folder / 'DRCT'} (a folder inside a flat image folder (its images are not read)), "
         f"{folder / 'gone.jpg'} (broken symbolic link), {folder / 'notes.txt'} (.txt: not an image format Pillow reads)"
     ]
 

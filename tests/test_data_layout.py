@@ -99,3 +99,40 @@ def test_categories_come_from_folder_names(dataset: Path) -> None:
     make_image(dataset / "train" / "MY_NEW_MODALITY" / "z.jpg")
     (dataset / "train" / "EMPTY").mkdir()
     assert discover_categories(dataset) == ["DRCT", "DRXR", "MY_NEW_MODALITY"]
+
+
+def test_a_data_folder_is_not_an_image_folder(tmp_path: Path) -> None:
+    """`--images DATA` instead of DATA/test: train/, valid/ and test/ are never read as one set."""
+    data = tmp_path / "DATA"
+    for split in ("train", "valid", "test"):
+        make_image(data / split / f"{split}1.jpg")
+    with pytest.raises(DataError) as error:
+        list_image_folder(data)
+    assert str(error.value) == f"{data}: this is a data folder (it holds test, train, valid), not an image folder: give one split, e.g. {data / 'test'}"
+
+
+def test_sub_folders_of_a_flat_folder_are_left_out_with_the_warning(tmp_path: Path, caplog) -> None:
+    make_image(tmp_path / "test" / "a.jpg")
+    make_image(tmp_path / "test" / "more" / "b.jpg")  # would have been image ID "b" of category "more"
+    make_image(tmp_path / "test" / "train" / "t.jpg")
+    with caplog.at_level("WARNING", logger="conceptclef"):
+        assert [record.image_id for record in list_image_folder(tmp_path / "test")] == ["a"]
+    assert caplog.messages == [
+        f"{tmp_path / 'test'}: skipped 2 entries that are not readable images: "
+        f"{tmp_path / 'test' / 'more'} (a folder inside a flat image folder (its images are not read)), "
+        f"{tmp_path / 'test' / 'train'} (a split folder: give it alone as the image folder)"
+    ]
+
+
+def test_the_2020_test_layout_keeps_its_category_folders(tmp_path: Path) -> None:
+    make_image(tmp_path / "test" / "DRCT" / "c1.jpg")
+    make_image(tmp_path / "test" / "DRXR" / "x1.jpg")
+    make_image(tmp_path / "test" / "DRXR" / "deeper" / "lost.jpg")
+    records = list_image_folder(tmp_path / "test")
+    assert [(record.image_id, record.category) for record in records] == [("c1", "DRCT"), ("x1", "DRXR")]
+
+
+def test_a_training_split_mixing_flat_images_and_category_folders_is_an_error(dataset: Path) -> None:
+    make_image(dataset / "train" / "synpic4.jpg")
+    with pytest.raises(DataError, match="synpic4.jpg: this image lies directly in .* while others are in its sub-folders \\(DRCT, DRXR\\)"):
+        load_split(dataset, "train")

@@ -10,6 +10,7 @@ empty run folder, so an error about the run would mean the path was checked too 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -83,14 +84,62 @@ def test_out_inside_the_run_or_the_image_folder_is_refused_even_with_overwrite(e
 
 def test_existing_file_predict_did_not_write_is_refused_first(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
     run, images = empty_run
-    truth = tmp_path / "test_concepts.csv"
-    truth.write_text("synpic1\tC0040405\n")
-    message = cli_error("predict", "--run", run, "--images", images, "--out", truth)
+    (tmp_path / "elsewhere").mkdir()
+    notes = tmp_path / "elsewhere" / "notes.csv"
+    notes.write_text("synpic1\tC0040405\n")
+    message = cli_error("predict", "--run", run, "--images", images, "--out", notes)
     assert message == (
-        f"error: {truth}: already exists and was not written by predict (no test_concepts.csv.probabilities.npz "
+        f"error: {notes}: already exists and was not written by predict (no notes.csv.probabilities.npz "
         "beside it); pass --overwrite to replace it, or choose another --out"
     )
-    assert truth.read_text() == "synpic1\tC0040405\n"
+    assert notes.read_text() == "synpic1\tC0040405\n"
+
+
+def test_ground_truth_beside_the_images_is_refused_even_with_overwrite(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, images = empty_run
+    truth = tmp_path / "test_concepts.csv"
+    truth.write_text("synpic1\tC0040405\n")
+    for out in (truth, tmp_path / "predicted_concepts.csv"):
+        message = cli_error("predict", "--run", run, "--images", images, "--out", out, "--overwrite")
+        assert message == (
+            f"error: {out}: is named like a concept or ground-truth file in the data folder {tmp_path}; predict never "
+            "writes one there, even with --overwrite: choose another --out (e.g. submission.csv)"
+        )
+    assert truth.read_text() == "synpic1\tC0040405\n" and not (tmp_path / "predicted_concepts.csv").exists()
+
+
+def test_the_files_a_run_recorded_are_refused_even_with_overwrite(empty_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The 2026 combined concepts file, recorded in RUN/data.json for both splits, elsewhere than the test images."""
+    run, images = empty_run
+    data = tmp_path / "corpus"
+    (data / "train").mkdir(parents=True)
+    combined = data / "ImageCLEFmedical_Caption_2026_concepts.csv"
+    combined.write_text("ID,CUIs\n")
+    recorded = {"format": "conceptclef-data-fingerprint-v1", "data_dir": str(data), "splits": {},
+                "concept_files": {"train": [str(combined), "0"], "valid": [str(combined), "0"]}}
+    (run / "data.json").write_text(json.dumps(recorded))
+    elsewhere = tmp_path / "out"
+    elsewhere.mkdir()
+    link = elsewhere / "labels.csv"
+    link.symlink_to(combined)
+    for out in (combined, link):
+        message = cli_error("predict", "--run", run, "--images", images, "--out", out, "--overwrite", "--format", "2026")
+        assert message == (
+            f"error: {out}: is the run's train and valid concept file (recorded in {run / 'data.json'}); predict never "
+            "replaces a run's input, even with --overwrite: choose another --out"
+        )
+    message = cli_error("predict", "--run", run, "--images", data / "train", "--out", elsewhere / "s.csv")
+    assert message == (
+        f"error: {data / 'train'}: is the run's training folder ({data / 'train'}); predict takes the test images: "
+        f"give e.g. {data / 'test'}"
+    )
+    assert combined.read_text() == "ID,CUIs\n"
+
+
+def test_out_in_a_folder_that_cannot_be_written_is_refused_first(empty_run: tuple[Path, Path]) -> None:
+    run, images = empty_run
+    message = cli_error("predict", "--run", run, "--images", images, "--out", "/proc/x.csv")
+    assert message.startswith("error: /proc: folder of --out cannot be written: ")
 
 
 # ---------------------------------------------------------------- with a trained run (slow)
@@ -111,7 +160,12 @@ def test_ground_truth_and_run_files_survive_a_mistyped_out(trained: dict[str, Pa
     data, run = trained["data"], trained["run"]
     truth, before_truth, before_run = data / "test_concepts.csv", digest(data / "test_concepts.csv"), snapshot(run)
     message = cli_error("predict", "--run", run, "--images", data / "test", "--out", truth)
-    assert message.startswith(f"error: {truth}: already exists and was not written by predict")
+    assert message.startswith(f"error: {truth}: is named like a concept or ground-truth file in the data folder")
+    labels = data / "train_concepts.csv"
+    before_labels = digest(labels)
+    message = cli_error("predict", "--run", run, "--images", data / "test", "--out", labels, "--overwrite")
+    assert message.startswith(f"error: {labels}: is the run's train concept file (recorded in {run / 'data.json'})")
+    assert digest(labels) == before_labels
     message = cli_error("predict", "--run", run, "--images", data / "test", "--out", run / "manifest.json", "--overwrite")
     assert message.startswith(f"error: {run / 'manifest.json'}: is inside the run directory")
     assert digest(truth) == before_truth and snapshot(run) == before_run
@@ -207,3 +261,27 @@ def test_upload_zip_beside_a_foreign_file_is_refused_before_work(tmp_path):
     upload.mkdir()
     with pytest.raises(OutputPathError, match="is a directory"):
         check_upload_zip_path(upload, submission, overwrite=True)
+
+
+@pytest.mark.slow
+def test_predict_reads_only_the_test_folder_and_never_writes_inside_the_run(trained: dict[str, Path], tmp_path: Path) -> None:
+    data, run = trained["data"], trained["run"]
+    before_run = snapshot(run)
+    message = cli_error("predict", "--run", run, "--images", data, "--out", tmp_path / "all.csv")
+    assert message == f"error: {data}: this is a data folder (it holds test, train, valid), not an image folder: give one split, e.g. {data / 'test'}"
+    message = cli_error("validate", tmp_path / "all.csv", "--images", data)
+    assert message.startswith(f"error: {data}: this is a data folder")
+    message = cli_error("predict", "--run", run, "--images", data / "valid", "--out", tmp_path / "valid.csv")
+    assert message.startswith(f"error: {data / 'valid'}: is the run's validation folder")
+    out = tmp_path / "submission.csv"
+    predict(run, data / "test", out)
+    assert snapshot(run) == before_run and not (run / "cache").exists()
+    assert not (data / "test" / ".cache").exists()
+    assert len(list((data / ".cache").glob("images-*.npy"))) == 3  # train and valid (train-all), then test
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data / "test", elsewhere)
+    predict(run, elsewhere, tmp_path / "elsewhere.csv")
+    assert snapshot(run) == before_run and sorted(path.name for path in elsewhere.iterdir()) == sorted(
+        path.name for path in (data / "test").iterdir()
+    )
+    assert (tmp_path / "elsewhere.csv").read_text() == out.read_text()

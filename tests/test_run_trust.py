@@ -8,6 +8,8 @@ file modes), in a world-readable scratch folder outside pytest's private tmp fol
 
 from __future__ import annotations
 
+import re
+
 import ctypes
 import os
 import shutil
@@ -109,7 +111,7 @@ def test_relabelled_validation_image_is_named(data, tmp_path):
         check_data_unchanged(tmp_path, _fingerprint(data), resuming=True)
     message = str(error.value)
     assert f"valid: 1 image(s) relabelled ({image_id})" in message
-    assert "valid concept file changed" in message and "new --out" in message
+    assert re.search(r"valid concept file \S*valid_concepts.csv changed: the labels of 1 image\(s\)", message) and "new --out" in message
     assert "train:" not in message
 
 
@@ -366,3 +368,18 @@ def test_sigterm_ends_train_all_cleanly_without_leftovers(data, tmp_path):
     assert stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM; the finished files are kept: rerun the same command to resume"
     assert list((data / ".cache").glob(".*.partial")) == []
     assert list(run.rglob(".*.partial")) == []
+
+
+def test_a_concept_file_whose_bytes_alone_changed_says_so(data, tmp_path):
+    check_data_unchanged(tmp_path, _fingerprint(data), resuming=False)
+    path = data / "valid_concepts.csv"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(RunDirectoryError) as error:
+        check_data_unchanged(tmp_path, _fingerprint(data), resuming=True)
+    message = str(error.value)
+    assert re.search(
+        r"valid concept file \S*valid_concepts.csv changed: only its bytes \(line endings, spacing or quoting\); "
+        r"the labels and their order are the same",
+        message,
+    ), message
+    assert " -> " not in message

@@ -158,7 +158,10 @@ class NetworkEstimator(Generic[TargetsT]):
         bias = self._initial_bias(targets, len(classes))
         if bias is not None:
             network.set_head_bias(bias)
-        settings = RunSettings(device, self.seed, self.num_workers, progress_enabled(), label=f"{self.kind} {work_dir.name}")
+        settings = RunSettings(
+            device, self.seed, self.num_workers, progress_enabled(),
+            label=run_label(self.kind, work_dir.name), config_section=config_section_of(work_dir.name),
+        )
         result: FitResult = fit_network(
             network,
             self._objective(targets, len(classes)),
@@ -322,3 +325,22 @@ class NetworkEstimator(Generic[TargetsT]):
         """Probabilities and embeddings from one forward pass."""
         probabilities, embeddings = self._outputs(images, probabilities=True, embeddings=True)
         return probabilities, embeddings
+
+
+def run_label(kind: str, work_dir_name: str) -> str:
+    """How logs, progress bars and curves.png name a network: "concepts global", and "router", not "router router"."""
+    return work_dir_name if work_dir_name == kind else f"{kind} {work_dir_name}"
+
+
+def config_section_of(work_dir_name: str) -> str:
+    """The config table that holds a network's training settings, named from its work folder
+    (pipeline.run.layout: router/, global/, global-<NAME>/, category-<NAME>/), for messages."""
+    if work_dir_name == "router":
+        return "router"
+    if work_dir_name == "global":
+        return "global_model"
+    if work_dir_name.startswith("global-"):
+        return f"extra_global_models (name = {work_dir_name.removeprefix('global-')!r})"
+    if work_dir_name.startswith("category-"):
+        return "category_model"
+    return "training settings"

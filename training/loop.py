@@ -131,6 +131,8 @@ class RunSettings:
     num_workers: int = 0
     progress: bool = False
     label: str = "model"  # shown in logs and progress bars
+    config_section: str = "training settings"  # the config table of these settings, named in error messages
+    rate_key: str = "learning_rate"  # the key of that table setting this phase's learning rate
 
 
 @dataclass
@@ -255,7 +257,9 @@ def warm_start_head(
             return
         except (CheckpointError, FileNotFoundError, KeyError, RuntimeError) as error:
             log.warning("%s: finished head warm-up cannot be loaded (%s); training it again", work_dir, error)
-    head_settings = dataclasses.replace(settings, label=f"{settings.label} head-warmup")
+    head_settings = dataclasses.replace(
+        settings, label=f"{settings.label} head-warmup", rate_key="head_warmup_learning_rate" if training.head_warmup_learning_rate else "learning_rate"
+    )
     train, valid = data
     fit_network(
         network, objective, head_training, train, valid, work_dir, head_settings, checkpoint_metadata, head_fingerprint,
@@ -539,7 +543,7 @@ class Trainer:
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             raise FloatingPointError(
                 f"{self.settings.label}: the float16 loss scaler skipped {self.consecutive_skips} steps in a row in epoch "
-                f"{epoch + 1} (non-finite loss or gradients); lower training.learning_rate or use training.amp_dtype = \"bfloat16\""
+                f"{epoch + 1} (non-finite loss or gradients); lower {_rate_key_name(self.settings)} or set amp_dtype = \"bfloat16\" in {self.settings.config_section}"
             )
 
     def _raise_if_nonfinite(self, nonfinite: int, first: int, last: int) -> None:
@@ -552,7 +556,7 @@ class Trainer:
             return
         passes = f"epoch {first + 1}" if last == first + 1 else f"epochs {first + 1}-{last}"
         raise FloatingPointError(
-            f"{self.settings.label}: the loss became non-finite in {passes} ({nonfinite} steps); lower training.learning_rate"
+            f"{self.settings.label}: the loss became non-finite in {passes} ({nonfinite} steps); lower {_rate_key_name(self.settings)}"
         )
 
     def _step_learning_rate(self) -> None:
@@ -839,3 +843,9 @@ def _batch_bytes(dataset: torch.utils.data.Dataset, batch_size: int) -> int:
     images = getattr(dataset, "images", None)
     shape = tuple(getattr(images, "shape", ()))
     return batch_size * int(np.prod(shape[1:])) if len(shape) == 4 else 0
+
+
+def _rate_key_name(settings: RunSettings) -> str:
+    """The config key a user lowers when training diverges, e.g. category_model.learning_rate."""
+    section = settings.config_section
+    return f"{settings.rate_key} of {section}" if " " in section else f"{section}.{settings.rate_key}"

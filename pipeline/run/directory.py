@@ -7,9 +7,12 @@ error instead of silently mixing two runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -104,19 +107,61 @@ def image_cache_dir(data_dir: Path, config: Config, layout: RunLayout) -> Path:
     instead of failing on the first cache write.
     """
     if config.data.cache_dir:
-        return Path(config.data.cache_dir)
+        return configured_cache_dir(config)
     shared = Path(data_dir) / ".cache"
     if not Path(data_dir).is_dir():
         return shared  # no data folder at all: loading the data names it; no fallback to announce
+    problem = _cannot_write(shared)
+    if problem is not None:
+        log.warning("%s is not writable (%s): caching the images in %s (set data.cache_dir to choose)", shared, problem, layout.cache_dir)
+        return layout.cache_dir
+    return shared
+
+
+def configured_cache_dir(config: Config, where: str = "data.cache_dir") -> Path:
+    """`data.cache_dir`, created; a folder that cannot be made is a one-line error naming the key."""
+    folder = Path(config.data.cache_dir)
+    problem = _cannot_write(folder)
+    if problem is not None:
+        raise ConfigError(f"{where} = {config.data.cache_dir!r}: cannot write the image cache there ({problem}); choose another folder")
+    return folder
+
+
+@contextlib.contextmanager
+def prediction_cache_dir(images_dir: Path, config: Config, data_dir: Path | None) -> Iterator[Path]:
+    """Where predict (and ablation --images) cache the test images: never inside the run (a run is
+    what train-all wrote; predict must work from a read-only copy) nor inside the image folder.
+
+    data.cache_dir when set; else, for a test folder of the run's data folder (DATA/test), the
+    DATA/.cache train-all already uses, so the next predict reuses it; else (images elsewhere, or
+    DATA read-only) a temporary folder removed afterwards: the images are decoded again next time.
+    """
+    if config.data.cache_dir:
+        yield configured_cache_dir(config)
+        return
+    parent = Path(images_dir).resolve().parent
+    problem = "not in the run's data folder"
+    if data_dir is not None and parent == Path(data_dir).resolve():
+        shared = parent / ".cache"
+        problem = _cannot_write(shared) or ""
+        if not problem:
+            yield shared
+            return
+    with tempfile.TemporaryDirectory(prefix="conceptclef-test-cache-") as temporary:
+        log.info("%s: caching the test images in %s until predict ends (%s)", images_dir, temporary, problem)
+        yield Path(temporary)
+
+
+def _cannot_write(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (made if missing), or None."""
     try:
-        shared.mkdir(exist_ok=True)
-        handle, probe = create_partial(shared / "probe")
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = create_partial(folder / "probe")
         os.close(handle)
         probe.unlink()
     except OSError as error:
-        log.warning("%s is not writable (%s): caching the images in %s (set data.cache_dir to choose)", shared, error.strerror, layout.cache_dir)
-        return layout.cache_dir
-    return shared
+        return error.strerror or str(error)
+    return None
 
 
 def write_run_config(layout: RunLayout, config: Config) -> None:

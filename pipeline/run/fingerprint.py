@@ -113,8 +113,12 @@ class DataFingerprint:
             changes.extend(_split_changes(split, self.splits.get(split, {}), other.splits.get(split, {})))
         for split in sorted(set(self.concept_files) | set(other.concept_files)):
             before, now = self.concept_files.get(split), other.concept_files.get(split)
-            if before is None or now is None or before[1] != now[1]:
-                changes.append(f"{split} concept file changed ({before[0] if before else 'none'} -> {now[0] if now else 'none'})")
+            if before is None or now is None:
+                changes.append(f"{split} concept file was {before[0] if before else 'none'}, now {now[0] if now else 'none'}")
+            elif before[1] != now[1]:
+                what = _concept_file_change(self.splits.get(split, {}), other.splits.get(split, {}))
+                moved = f" (was {before[0]})" if before[0] != now[0] else ""
+                changes.append(f"{split} concept file {now[0]}{moved} changed: {what}")
         if changes and self.data_dir != other.data_dir:
             changes.append(f"data folder was {self.data_dir}, now {other.data_dir}")
         return changes
@@ -147,6 +151,19 @@ def _split_changes(split: str, before: Mapping[str, list[str]], now: Mapping[str
     if not changes and list(before) != list(now):
         changes.append(f"{split}: the same images in another order")
     return changes
+
+
+def _concept_file_change(before: Mapping[str, list[str]], now: Mapping[str, list[str]]) -> str:
+    """What a concept file's new bytes mean for training: other labels, another row order (the
+    training order), or nothing but bytes (line endings, spacing, quoting)."""
+    relabelled = sum(1 for image_id, entry in now.items() if image_id in before and before[image_id][1] != entry[1])
+    if relabelled:
+        return f"the labels of {relabelled} image(s)"
+    if set(before) != set(now):
+        return "its images (see above)"
+    if list(before) != list(now):
+        return "the same labels in another row order (the training order)"
+    return "only its bytes (line endings, spacing or quoting); the labels and their order are the same"
 
 
 def check_data_unchanged(run_root: Path, fingerprint: DataFingerprint, resuming: bool) -> None:

@@ -1,16 +1,25 @@
-"""Where `predict` may write: never into a run or an image folder, never over a file it did not write.
+"""Where `predict` may write: never into a run, an image folder or the run's training data, never
+over a run's input or a ground-truth file (not even with --overwrite), never over a file it did
+not write (unless --overwrite).
 
-A mistyped `--out` used to replace whatever it named: `DATA/test_concepts.csv` (the ground truth)
-or `RUN/manifest.json` (the run). Every check here is made before any model is loaded, so a bad
+A mistyped `--out` used to replace whatever it named: `DATA/test_concepts.csv` (the ground truth),
+`DATA/train_concepts.csv` (the run's labels: the run could no longer resume) or
+`RUN/manifest.json` (the run). Every check here is made before any model is loaded, so a bad
 path costs a second, not a prediction pass, and nothing is written when one fails.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptclef.data.errors import DataError
+from conceptclef.data.layout import split_folder
+from conceptclef.pipeline.run.fingerprint import DataFingerprint
+from conceptclef.pipeline.run.layout import RunLayout
 
 PROBABILITIES_SUFFIX = ".probabilities.npz"
 
@@ -49,6 +58,7 @@ def check_submission_path(out: Path, protected: dict[str, Path], overwrite: bool
         raise OutputPathError(parent, "folder of --out does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(parent, "folder of --out is not writable")
+    _check_can_create_files(parent)
     _refuse_replacing_foreign(out, out, overwrite, f"was not written by predict (no {sidecar.name} beside it)")
 
 
@@ -63,3 +73,83 @@ def _refuse_replacing_foreign(path: Path, submission: Path, overwrite: bool, why
     """An existing file is replaced only with --overwrite or when predict wrote `submission`."""
     if path.exists() and not overwrite and not was_written_by_predict(submission):
         raise OutputPathError(path, f"already exists and {why}; pass --overwrite to replace it, or choose another --out")
+
+
+def _check_can_create_files(folder: Path) -> None:
+    """Create and remove a file there: permissions alone miss /proc, read-only mounts and full disks
+    (as root, os.access says yes to all), which would otherwise fail after the whole prediction pass."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".conceptclef-write-check-"):
+            pass
+    except OSError as error:
+        raise OutputPathError(folder, f"folder of --out cannot be written: {error.strerror or error}") from None
+
+
+# Names of concept and ground-truth files: *concepts*, *cuis*, *categories*, *truth*, gt.* (and cui_mapping.csv).
+_GROUND_TRUTH_NAME = re.compile(r"concept|categor|truth|(^|[^a-z])(cuis?|gt)([^a-z]|$)")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def looks_like_ground_truth(path: Path) -> bool:
+    return path.suffix.lower() in _TABLE_SUFFIXES and _GROUND_TRUTH_NAME.search(path.name.lower()) is not None
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run was trained from (RUN/data.json): its concept files and its train/valid image folders.
+
+    A run made before data.json existed records none of them; then only the image folder's
+    neighbourhood is protected.
+    """
+
+    data_dir: Path | None = None
+    concept_files: dict[Path, str] = field(default_factory=dict)  # resolved path -> what it is
+    image_folders: dict[str, Path] = field(default_factory=dict)  # "the run's training folder" -> folder
+
+    @classmethod
+    def of(cls, layout: RunLayout) -> "RunInputs":
+        if not layout.fingerprint_path.is_file():
+            return cls()
+        recorded = DataFingerprint.load(layout.fingerprint_path)
+        data_dir = Path(recorded.data_dir)
+        splits: dict[Path, list[str]] = {}
+        for split, (path, _) in recorded.concept_files.items():
+            splits.setdefault(Path(path).resolve(), []).append(split)
+        files = {
+            path: f"the run's {' and '.join(names)} concept file (recorded in {layout.fingerprint_path})"
+            for path, names in splits.items()
+        }
+        folders = {}
+        for split, role in (("train", "the run's training folder"), ("valid", "the run's validation folder")):
+            try:
+                folders[role] = split_folder(data_dir, split)
+            except DataError:
+                continue  # moved away since, or no valid split (held out of train)
+        return cls(data_dir, files, folders)
+
+
+def check_images_folder(images_dir: Path, inputs: RunInputs) -> None:
+    """Test images must not be the run's own training or validation images: their scores would be
+    meaningless and the submission would cover the wrong images."""
+    resolved = Path(images_dir).resolve()
+    for role, folder in inputs.image_folders.items():
+        if resolved == folder.resolve() or folder.resolve() in resolved.parents:
+            raise OutputPathError(images_dir, f"is {role} ({folder}); predict takes the test images: give e.g. {folder.parent / 'test'}")
+
+
+def check_not_an_input(paths: list[Path], inputs: RunInputs, images_dir: Path) -> None:
+    """Refuse, even with --overwrite, writing over a run's input or next to it a file named like
+    a concept or ground-truth file: in the run's data folder a new `*concepts*` file would also
+    change which concept file the run reads, and beside the test images it is the truth."""
+    data_folders = {folder.resolve() for folder in (inputs.data_dir, Path(images_dir).resolve().parent) if folder is not None}
+    for path in paths:
+        resolved = Path(path).resolve()
+        role = inputs.concept_files.get(resolved)
+        if role is not None:
+            raise OutputPathError(path, f"is {role}; predict never replaces a run's input, even with --overwrite: choose another --out")
+        if resolved.parent in data_folders and looks_like_ground_truth(resolved):
+            raise OutputPathError(
+                path,
+                f"is named like a concept or ground-truth file in the data folder {resolved.parent}; predict never writes "
+                "one there, even with --overwrite: choose another --out (e.g. submission.csv)",
+            )

@@ -104,3 +104,21 @@ def check_data_fits(config: Config, n_valid_images: int, valid_name: str, origin
             f"{origin.where(('ensemble', 'folds'))}: ensemble.folds = {folds} is more than the {n_valid_images} "
             f"usable validation images of {valid_name}; lower it or add validation images"
         )
+
+
+def check_vocabulary_not_empty(config: Config, train_concept_lists: Sequence[Sequence[str]], origin: SettingOrigin) -> None:
+    """Every concept model needs one CUI seen `data.min_concept_count` times in training; above every
+    concept's count the vocabulary is empty, which used to fail only after the router had trained."""
+    counts: dict[str, int] = {}
+    for concepts in train_concept_lists:
+        for cui in set(concepts):
+            counts[cui] = counts.get(cui, 0) + 1
+    needed = config.data.min_concept_count
+    if counts and max(counts.values()) >= needed:
+        return
+    most = max(counts.items(), key=lambda item: (item[1], item[0])) if counts else None
+    found = f"the most frequent, {most[0]}, is on {most[1]}" if most else "no training image has a concept"
+    raise ConfigError(
+        f"{origin.where(('data', 'min_concept_count'))}: data.min_concept_count = {needed} leaves no concept to learn: "
+        f"{found} of the {len(train_concept_lists)} training images; lower it"
+    )

@@ -40,7 +40,8 @@ from conceptclef.pipeline.image_sets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.stages.predict import RunModels, unlabelled_images_at_size
 from conceptclef.pipeline.stages.reports import write_ablation_report
-from conceptclef.pipeline.run.directory import Manifest, load_run_config
+from conceptclef.pipeline.run.directory import Manifest, load_run_config, prediction_cache_dir
+from conceptclef.pipeline.run.output_paths import RunInputs
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.stages.stacking import (
     BaseOutputs,
@@ -241,12 +242,13 @@ def _test_outputs(
     categories_path: Path | None,
 ) -> LabelledOutputs:
     truth_by_id = read_concept_file(truth_path)
-    image_set, _ = load_unlabelled_set(images_dir, config, layout.cache_dir)
-    missing = [image_id for image_id in image_set.image_ids if image_id not in truth_by_id]
-    if missing:
-        raise RunDirectoryError(f"{truth_path}: no ground truth for {len(missing)} images of {images_dir}, e.g. {missing[:3]}")
-    at_size = unlabelled_images_at_size(images_dir, config, layout.cache_dir, image_set)
-    outputs = RunModels.load(layout, manifest, config).predict(image_set, at_size)
+    with prediction_cache_dir(images_dir, config, RunInputs.of(layout).data_dir) as cache_dir:
+        image_set, _ = load_unlabelled_set(images_dir, config, cache_dir)
+        missing = [image_id for image_id in image_set.image_ids if image_id not in truth_by_id]
+        if missing:
+            raise RunDirectoryError(f"{truth_path}: no ground truth for {len(missing)} images of {images_dir}, e.g. {missing[:3]}")
+        at_size = unlabelled_images_at_size(images_dir, config, cache_dir, image_set)
+        outputs = RunModels.load(layout, manifest, config).predict(image_set, at_size)
     concept_lists = [truth_by_id[image_id] for image_id in image_set.image_ids]
     true_categories = None
     if categories_path is not None:

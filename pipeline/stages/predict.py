@@ -14,16 +14,23 @@ import scipy.sparse as sp
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, locate_key
 from conceptclef.core.runfiles import atomic_save_sparse
-from conceptclef.data.submission import write_submission, write_upload_zip
+from conceptclef.data.submission import canonical_format, write_submission, write_upload_zip
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.pipeline.stages import tta
 from conceptclef.pipeline.image_sets import ImagesAtSize, ImageSet, config_at_image_size, load_unlabelled_set, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.run.output_paths import check_submission_path, check_upload_zip_path, probabilities_path_for
+from conceptclef.pipeline.run.output_paths import (
+    RunInputs,
+    check_images_folder,
+    check_not_an_input,
+    check_submission_path,
+    check_upload_zip_path,
+    probabilities_path_for,
+)
 from conceptclef.pipeline.run.preflight import check_device_available
 from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Network, Role, run_networks
-from conceptclef.pipeline.run.directory import Manifest, load_run_config
+from conceptclef.pipeline.run.directory import Manifest, load_run_config, prediction_cache_dir
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.stages.stacking import BaseOutputs, FittedEnsemble, to_stacking_inputs
 from conceptclef.router import ModalityRouter, SingleCategoryRouter
@@ -143,12 +150,18 @@ def predict_submission(
     overwrite: bool = False,
 ) -> dict:
     """`overwrite` lets the submission replace a file predict did not write (never one in the run or image folder)."""
+    submission_format = canonical_format(submission_format) or submission_format
     if submission_format not in SUBMISSION_FORMATS:
-        raise RunDirectoryError(f"--format {submission_format}: choose 2020 or 2025")
+        raise RunDirectoryError(f"--format {submission_format}: choose 2020 or 2025 (2026 is the 2025 format)")
     zip_path = upload_zip_path(Path(out_path), submission_format) if upload_zip else None
     started = time.perf_counter()
     layout = RunLayout(Path(run_dir))
-    check_submission_path(Path(out_path), {"the run directory": layout.root, "the image folder": Path(images_dir)}, overwrite)
+    inputs = RunInputs.of(layout)
+    check_images_folder(Path(images_dir), inputs)
+    written = [Path(out_path), probabilities_path_for(Path(out_path)), *([zip_path] if zip_path is not None else [])]
+    check_not_an_input(written, inputs, Path(images_dir))
+    protected = {"the run directory": layout.root, "the image folder": Path(images_dir), **inputs.image_folders}
+    check_submission_path(Path(out_path), protected, overwrite)
     if zip_path is not None:
         check_upload_zip_path(zip_path, Path(out_path), overwrite)
     manifest = Manifest.load(layout)
@@ -156,9 +169,13 @@ def predict_submission(
     check_device_available(config.device, locate_key(layout.config_path, ("device",)))
     models = RunModels.load(layout, manifest, config)
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
-    image_set, bad = load_unlabelled_set(Path(images_dir), config, layout.cache_dir)
-    at_size = unlabelled_images_at_size(Path(images_dir), config, layout.cache_dir, image_set)
-    summary = write_predictions(models.predict(image_set, at_size), models.vocabulary, ensemble, Path(out_path), submission_format)
+    with prediction_cache_dir(Path(images_dir), config, inputs.data_dir) as cache_dir:
+        image_set, bad = load_unlabelled_set(Path(images_dir), config, cache_dir)
+        at_size = unlabelled_images_at_size(Path(images_dir), config, cache_dir, image_set)
+        log.info("predict: %d images of %s (image cache in %s); running %d networks", len(image_set.records), images_dir, cache_dir, 2 + len(models.category_models) + len(models.extra_global_models))
+        outputs = models.predict(image_set, at_size)
+    log.info("predict: stacking and deciding the concepts")
+    summary = write_predictions(outputs, models.vocabulary, ensemble, Path(out_path), submission_format)
     if zip_path is not None:
         summary["upload_zip"] = str(write_upload_zip(out_path, zip_path))
     return {**summary, "unreadable_images": len(bad), "seconds": round(time.perf_counter() - started, 2)}

@@ -30,7 +30,7 @@ from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unc
 from conceptclef.pipeline.image_sets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
 from conceptclef.pipeline.devices.workers import check_devices, run_on_devices
-from conceptclef.pipeline.run.preflight import SettingOrigin, check_data_fits, check_machine
+from conceptclef.pipeline.run.preflight import SettingOrigin, check_data_fits, check_machine, check_vocabulary_not_empty
 from conceptclef.pipeline.devices.ranks import barrier, is_main_process
 from conceptclef.pipeline.run.directory import (
     Manifest,
@@ -71,6 +71,7 @@ def train_all(
     cache_dir = image_cache_dir(Path(data_dir), config, layout)
     train, valid = load_training_sets(Path(data_dir), config, cache_dir)
     check_data_fits(config, len(valid.records), str(data_dir), origin)
+    check_vocabulary_not_empty(config, train.concept_lists or [], origin)
     _check_valid_categories(train, valid)
     # Bad data are refused above without creating the run directory; from here on this process
     # is the only one writing it.
@@ -197,7 +198,7 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
     if network.image_size != config.data.image_size:
         if data_dir is None:
             raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
-        resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size))
+        resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size), announce=False)
         train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
     if network.category is None:
         train_concept_model(
@@ -278,7 +279,7 @@ def _prepare_worker(
     The device is an execution detail: the run's saved config keeps what the user asked for.
     """
     seed_everything(config.seed)
-    train, valid = load_training_sets(data_dir, config, cache_dir)
+    train, valid = load_training_sets(data_dir, config, cache_dir, announce=False)  # the parent said it
     if _image_ids_digest(train, valid) != expected_ids:
         raise RunDirectoryError(f"{data_dir}: the images changed while train-all was starting; run it again")
     return _WorkerContext(layout, config.replace(device=device), train, valid, data_dir)

@@ -70,6 +70,7 @@ def train_router(layout: RunLayout, config: Config, train: ImageSet, valid: Imag
             config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
         )
         router = modality_router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
+    log.info("router: predicting the %d validation images%s", len(all_valid.records), " and their mirrors (flip_tta)" if config.router.flip_tta else "")
     probs = tta.predict_proba(router, all_valid.images)  # the stacker needs the router's view of every image
     ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(RunLayout.files(work_dir).validation_predictions)
     if router.confusion_ is not None:  # a fitted router always has one
@@ -136,11 +137,13 @@ def train_concept_model(
     )
     train_labels, stopping_labels = training.labels(vocabulary), valid_for_stopping.labels(vocabulary)
     model.fit(training.images, train_labels, list(vocabulary.cuis), valid_for_stopping.images, stopping_labels, work_dir)
+    log.info("%s: predicting the %d validation images%s", work_dir.name, len(valid_all.records), " and their mirrors (flip_tta)" if settings.flip_tta else "")
     probs, embeddings = tta.predict_proba_and_embed(model, valid_all.images)
     ModelPredictions(valid_all.image_ids, probs.astype(np.float32), embeddings.astype(np.float32) if is_global else None).save(
         RunLayout.files(work_dir).validation_predictions
     )
     if is_global and train_all_images is not None:
+        log.info("%s: embedding the %d training images (the kNN index)", work_dir.name, len(train_all_images.records))
         train_embeddings = model.embed(train_all_images.images)
         ModelPredictions(train_all_images.image_ids, np.zeros((len(train_all_images.records), 0), np.float32), train_embeddings.astype(np.float32)).save(
             RunLayout.files(work_dir).train_embeddings
