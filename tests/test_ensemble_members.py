@@ -20,7 +20,7 @@ from conceptclef.core.config import ConfigError, apply_overrides, load_config, s
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.run.networks import run_networks
 from conceptclef.pipeline.stages.train_networks import ModelPredictions
-from conceptclef.training.backbones import GeneralizedMeanPool, create_backbone, create_network
+from conceptclef.training.backbones import GeneralizedMeanPool, create_backbone, create_network, layer_groups
 from conceptclef.training.checkpoints import load_checkpoint
 from conceptclef.training.estimator import fingerprinted_settings
 from synthetic_images import class_concepts, colour_coded_images
@@ -130,6 +130,13 @@ def test_gem_network_forward_and_backward(backbone):
     p = dict(gem.backbone.named_parameters())["global_pool.p"]
     assert p.item() == 3.0 and p.grad is not None and p.grad.abs() > 0
     assert all(parameter.grad is not None for parameter in gem.head.parameters())
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_gem_exponent_trains_with_the_top_backbone_group(fine):
+    avg = layer_groups(create_backbone("test_efficientnet", "none"), fine)
+    gem = layer_groups(create_backbone("test_efficientnet", "none", pooling="gem"), fine)
+    assert gem[:-1] == avg[:-1] and gem[-1] == avg[-1] + ["global_pool.p"]
 
 
 def test_gem_backbone_loads_weights_with_and_without_an_exponent(tmp_path):

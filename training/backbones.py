@@ -190,13 +190,17 @@ def layer_groups(backbone: nn.Module, fine: bool = False) -> list[list[str]]:
 
     Coarse: timm's stage groups. Fine: timm's block groups, and the final conv/norm that timm
     merges into the last block (EfficientNet's `conv_head`/`bn2`) becomes a group of its own, so
-    a layer-wise schedule can train it before touching any block.
+    a layer-wise schedule can train it before touching any block. A GeM exponent joins the top
+    group, so GeM leaves the groups (and a layer-wise schedule) as average pooling has them.
     """
     matcher = timm_attribute(backbone, "group_matcher")(coarse=not fine)
     if fine and isinstance(matcher, dict):
         matcher = {name: _own_group(spec) for name, spec in matcher.items()}
-    groups = group_parameters(backbone, matcher)
-    return [list(names) for _, names in sorted(groups.items())]
+    groups = [list(names) for _, names in sorted(group_parameters(backbone, matcher).items())]
+    if len(groups) > 1 and all(name.endswith(GEM_PARAMETER) for name in groups[-1]):
+        exponent = groups.pop()
+        groups[-1] += exponent  # timm's matchers know no GeM exponent: it trains with the top group, not before it
+    return groups
 
 
 def _own_group(spec: object) -> object:
