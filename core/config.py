@@ -118,6 +118,12 @@ class TrainingConfig:
     unfreeze_groups: Literal["coarse", "fine"] = "coarse"  # fine: one group per block, the final conv alone
     max_unfrozen_groups: int = checked(0, ge=0)  # fine-tune at most this many top backbone groups (0: all)
     drop_rate: float = checked(0.2, ge=0, lt=1)
+    # Global pooling of the backbone's last feature map (training.backbones): "avg", or "gem"
+    # (generalized mean, (mean x^p)^(1/p), CNN backbones only) starting at p = gem_p. p learns
+    # when the backbone trains (full, layerwise); in head mode it stays gem_p, frozen with the
+    # backbone, and the feature cache holds GeM-pooled features.
+    pooling: Literal["avg", "gem"] = "avg"
+    gem_p: float = checked(3.0, ge=1, le=16, why="1 is average pooling; large p overflows float32 powers")
     amp: bool = True  # used on CUDA only
     # Autocast dtype with amp on CUDA: "auto" = bfloat16 where the GPU supports it (Ampere and
     # newer; no loss scaling needed), else float16 with a GradScaler.
@@ -149,11 +155,15 @@ class ExtraGlobalModel(TrainingConfig):
     """One more global model (another backbone or resolution): a stacker input of its own.
 
     Keys left out of its [[extra_global_models]] table take the [global_model] values of the
-    same file; `image_size` 0 means data.image_size.
+    same file; `image_size` 0 means data.image_size. `seed` -1 means the run's `seed`; another
+    value seeds this network's initialisation, shuffling and augmentation, so entries that
+    differ only by seed are ensemble members (in head mode with pretrained weights they share
+    the cached backbone features: the seed then changes the head's init and shuffling only).
     """
 
     name: str = ""
     image_size: int = checked(0, ge=0, le=MAX_IMAGE_SIZE, why_above=IMAGE_SIZE_WHY)
+    seed: int = checked(-1, ge=-1, lt=2**32, why="-1: the run's seed; numpy seeds are unsigned 32-bit")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def training_config_from_dict(values: dict[str, Any], source: Path | str = "chec
 
 # Keys added after runs already existed: at their defaults they stay out of the job fingerprint,
 # so a run trained before they existed is still recognised as the same job (and not retrained).
-KEYS_FINGERPRINTED_WHEN_SET = ("amp_dtype", "deterministic", "validate_every_steps", "augment_on_device")
+KEYS_FINGERPRINTED_WHEN_SET = ("amp_dtype", "deterministic", "validate_every_steps", "augment_on_device", "pooling", "gem_p")
 
 
 def fingerprinted_settings(training: TrainingConfig) -> dict[str, Any]:
@@ -154,7 +154,8 @@ class NetworkEstimator(Generic[TargetsT]):
             return self
         device = resolve_device(self.device)
         seed_everything(self.seed)  # the new head (and a "none" backbone) start from the seed too
-        network = create_network(self.training.backbone, self.training.weights, len(classes), self.training.drop_rate)
+        training = self.training
+        network = create_network(training.backbone, training.weights, len(classes), training.drop_rate, training.pooling, training.gem_p)
         bias = self._initial_bias(targets, len(classes))
         if bias is not None:
             network.set_head_bias(bias)
@@ -225,7 +226,11 @@ class NetworkEstimator(Generic[TargetsT]):
     def _restore(self, payload: dict[str, Any], device: torch.device) -> None:
         if payload.get("kind") != self.kind:
             raise CheckpointError(f"checkpoint holds a {payload.get('kind')!r} network, not a {self.kind!r}")
-        network = create_network(payload["backbone"], "none", int(payload["num_classes"]), float(payload["drop_rate"]))
+        stored = payload.get("training", {})  # checkpoints from before GeM pooling hold no pooling key: avg
+        network = create_network(
+            payload["backbone"], "none", int(payload["num_classes"]), float(payload["drop_rate"]),
+            stored.get("pooling", "avg"), float(stored.get("gem_p", 3.0)),
+        )
         network.load_state_dict(payload["model"])
         self.network_ = network.to(device).eval()
         self.device_ = device

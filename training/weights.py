@@ -146,8 +146,16 @@ def _backbone_keys_only(state: dict[str, torch.Tensor], classifier_name: str) ->
     return {key: value for key, value in state.items() if not key.startswith(head)}
 
 
+# The exponent of a GeM-pooled backbone (training.backbones.GeneralizedMeanPool); not in ImageNet weights.
+GEM_PARAMETER = "global_pool.p"
+
+
 def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Strict load of backbone keys; mismatches become a WeightsError naming `origin`."""
+    """Strict load of backbone keys; mismatches become a WeightsError naming `origin`.
+
+    The one exception is the GeM exponent: a GeM backbone keeps its initial p when the weights
+    have none (ImageNet weights), and an average-pooled one ignores the p of a GeM backbone's weights.
+    """
     classifier_name = pretrained_config(backbone).get("classifier", "classifier")
     if any(key.startswith("_conv_stem") for key in state):
         try:
@@ -155,6 +163,9 @@ def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor], orig
         except (KeyError, AttributeError, ValueError) as error:
             raise WeightsError(f"{origin}: EfficientNet-PyTorch key {error} has no place in the timm backbone") from error
     state = _backbone_keys_only(state, classifier_name)
+    own = backbone.state_dict()
+    state = {key: value for key, value in state.items() if key in own or not key.endswith(GEM_PARAMETER)}
+    state = {**{key: value for key, value in own.items() if key.endswith(GEM_PARAMETER)}, **state}
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -89,6 +89,7 @@ class Network:
     image_size: int
     category: str | None = None  # trains on this category's images; None: on every training image
     depends_on: tuple[str, ...] = ()  # networks whose trained weights it starts from
+    seed: int | None = None  # seeds its init, shuffling and augmentation; None: the run's seed
 
     @property
     def role(self) -> Role:
@@ -158,6 +159,7 @@ def run_networks(layout: RunLayout, config: Config, categories: Sequence[str], w
                 ConceptModel,
                 extra_global_training(extra),
                 extra.image_size or image_size,
+                seed=extra.seed if extra.seed >= 0 else None,
             )
         )
     depends_on = ("global",) if starts_from_global(config) else ()

@@ -77,6 +77,8 @@ def check_weight_source(training: TrainingConfig, section: str, origin: SettingO
     if not timm.is_model(training.backbone):
         where = origin.where((section, "backbone"))
         raise ConfigError(f"{where}: {section}.backbone = {training.backbone!r} is not a timm model name (see timm.list_models())")
+    if training.pooling == "gem":
+        check_gem_pooling(training, section, origin)
     where = origin.where((section, "weights"))
     weights = training.weights
     if weights in (NO_WEIGHTS, HUB_WEIGHTS):
@@ -94,6 +96,22 @@ def check_weight_source(training: TrainingConfig, section: str, origin: SettingO
         )
     if not Path(os.path.expanduser(weights)).is_file():
         raise ConfigError(f"{where}: {section}.weights = {weights!r}: weight file not found")
+
+
+def check_gem_pooling(training: TrainingConfig, section: str, origin: SettingOrigin) -> None:
+    """GeM replaces a CNN's global pooling layer: refused, before any training, for a backbone without one (ViT...)."""
+    import timm
+    import torch
+
+    from conceptclef.training.backbones import use_gem_pooling
+    from conceptclef.training.weights import WeightsError
+
+    with torch.device("meta"):  # the architecture only: no memory, no initialisation
+        backbone = timm.create_model(training.backbone, pretrained=False, num_classes=0)
+    try:
+        use_gem_pooling(backbone, training.backbone, training.gem_p)
+    except WeightsError as error:
+        raise ConfigError(f"{origin.where((section, 'pooling'))}: {section}.pooling: {error}") from None
 
 
 def check_data_fits(config: Config, n_valid_images: int, valid_name: str, origin: SettingOrigin) -> None:

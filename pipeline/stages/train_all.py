@@ -204,6 +204,7 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
         train_concept_model(
             network.work_dir, config, train, job.vocabulary, valid, valid,
             train_all_images=train, is_global=network.role is Role.GLOBAL, settings=network.settings, image_size=network.image_size,
+            seed=network.seed,
         )
         return
     category_train = train.subset(_members(train, network.category))

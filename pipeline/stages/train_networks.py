@@ -120,20 +120,22 @@ def train_concept_model(
     is_global: bool = False,
     settings: TrainingConfig | None = None,
     image_size: int | None = None,
+    seed: int | None = None,
 ) -> ConceptModel:
     """Train one concept model; save its probabilities on all validation images.
 
     The global model also saves embeddings of the training images (the kNN index) and of the
     validation images (kNN queries), from the same forward passes as its probabilities.
-    `settings` and `image_size` replace the config's for a specialist started from the global
-    model or an extra global model.
+    `settings`, `image_size` and `seed` replace the config's for a specialist started from the
+    global model or an extra global model (None: the config's).
     """
     if settings is None:
         settings = config.global_model if is_global else config.category_model
     if is_main_process():
         vocabulary.save(RunLayout.files(work_dir).vocabulary)
     model = ConceptModel(
-        settings, image_size or config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+        settings, image_size or config.data.image_size, config.device, config.seed if seed is None else seed, config.data.num_workers,
+        feature_store_for(config.data),
     )
     train_labels, stopping_labels = training.labels(vocabulary), valid_for_stopping.labels(vocabulary)
     model.fit(training.images, train_labels, list(vocabulary.cuis), valid_for_stopping.images, stopping_labels, work_dir)
