@@ -12,7 +12,8 @@ concepts file and `cui_mapping.csv`), then runs, each as its own process:
     ablation                                     (out-of-fold validation figures)
 
 and prints one row per stage: wall seconds, CPU seconds (user + system of the stage's process
-tree), peak resident memory of the stage's process (`os.wait4`'s ru_maxrss) and the bytes the
+tree), peak resident memory of the stage's process (`os.wait4`'s ru_maxrss, which counts the
+pages of memory-mapped files it read) and its peak anonymous memory (/proc polling), and the bytes the
 stage added to the image cache, the feature cache, the run directory and its outputs.
 
     .venv/bin/python benchmarks/scale_2026.py                  # full size (~9 GB of disk for caches)
@@ -31,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ class StageResult:
     wall_s: float
     cpu_s: float
     peak_rss_bytes: int
+    peak_anonymous_bytes: int
     disk_bytes: dict[str, int]
     output: str
 
@@ -159,6 +162,37 @@ def disk_usage(work: Path) -> dict[str, int]:
     return sizes
 
 
+class AnonymousMemoryPeak:
+    """Polls a process's /proc status for its peak anonymous resident memory (RssAnon).
+
+    ru_maxrss also counts the pages of memory-mapped files the process has read (model outputs,
+    the image cache): page cache the kernel can drop under pressure. RssAnon is what the process
+    cannot give back; the table shows both.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self.pid, self.interval_s, self.peak_bytes = pid, interval_s, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
+        while not self._done.is_set():
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        self.peak_bytes = max(self.peak_bytes, int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                return
+            self._done.wait(self.interval_s)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak_bytes
+
+
 def run_stage(name: str, arguments: list[str], work: Path) -> StageResult:
     """Run one CLI stage in its own process; its own rusage gives CPU time and peak RSS."""
     before = disk_usage(work)
@@ -166,9 +200,11 @@ def run_stage(name: str, arguments: list[str], work: Path) -> StageResult:
     start = time.perf_counter()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPOSITORY) as process:
         assert process.stdout is not None
+        anonymous = AnonymousMemoryPeak(process.pid)
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
+        peak_anonymous = anonymous.stop()
     wall = time.perf_counter() - start
     if process.returncode != 0:
         sys.stderr.write(output[-4000:])
@@ -179,6 +215,7 @@ def run_stage(name: str, arguments: list[str], work: Path) -> StageResult:
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
         peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux: KiB
+        peak_anonymous_bytes=peak_anonymous,
         disk_bytes={key: after[key] - before[key] for key in after},
         output=output,
     )
@@ -202,12 +239,12 @@ def format_seconds(seconds: float) -> str:
 
 
 def format_table(results: list[StageResult]) -> str:
-    header = "| stage | wall | CPU | peak RSS (GB) | disk written (MB): image cache / features / run / outputs |"
-    lines = [header, "|---|---:|---:|---:|---:|"]
+    header = "| stage | wall | CPU | peak RSS (GB) | peak anonymous (GB) | disk written (MB): image cache / features / run / outputs |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|"]
     for result in results:
         disk = " / ".join(f"{result.disk_bytes[key] / 1024**2:.1f}" for key in ("image cache", "features", "run", "outputs"))
         lines.append(f"| {result.name} | {format_seconds(result.wall_s)} | {format_seconds(result.cpu_s)} | "
-                     f"{result.peak_rss_bytes / 1024**3:.2f} | {disk} |")
+                     f"{result.peak_rss_bytes / 1024**3:.2f} | {result.peak_anonymous_bytes / 1024**3:.2f} | {disk} |")
     return "\n".join(lines)
 
 
