@@ -6,7 +6,10 @@ global model at 0.5 (the published baseline), global with tuned thresholds, per-
 routed by the router, per-category with the true categories (oracle routing), the average of
 global and routed category models, and the full stacked ensemble. Thresholds of the baseline
 rows are tuned on validation like the ensemble's; on validation itself (no --images) every row
-is cross-fitted so no row is scored on images it was tuned on. Beside the overall (primary)
+is cross-fitted so no row is scored on images it was tuned on. The rows built from a model's
+dense probabilities see each image's `ABLATION_TOP_K` (100) most probable concepts, read block by
+block: no rule labels more than 100 concepts per image, and the whole matrix as CSR (51 million
+entries at 2026 size) made the tuners take minutes and gigabytes. Beside the overall (primary)
 score, each row has the 2025/2026 secondary score (`scoring.secondary`); per_concept.csv holds
 the stacked ensemble's support, F1 and average precision for every concept, by frequency band.
 """
