@@ -113,3 +113,32 @@ def test_threshold_curve_is_unchanged_by_dropping_scores_below_the_lowest_thresh
             f1 = np.where(sizes > 0, 2 * hits / np.maximum(predicted + sizes, 1), np.nan)
         expected.append(np.nanmean(f1))
     np.testing.assert_allclose(threshold_curve(probs, truth, outside, thresholds), expected)
+
+
+def test_ablation_rows_read_the_routed_and_averaged_models_as_top_k(small_blocks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conceptclef.ensemble.inputs import StackingInputs
+    from conceptclef.pipeline.stages import ablation
+
+    monkeypatch.setattr(ablation, "ABLATION_TOP_K", 3)
+    rng = np.random.default_rng(6)
+    n, v = 20, 12
+    global_probs = rng.random((n, v), dtype=np.float32)
+    own = rng.random((n, v), dtype=np.float32)
+    own[:, :4] = np.nan  # concepts the category model does not know
+    router = rng.random((n, 2)).astype(np.float32)
+    inputs = StackingInputs(
+        image_ids=[str(i) for i in range(n)], global_probs=global_probs, category_probs={"A": own},
+        router_probs=router, categories=["A", "B"], concept_frequency=np.full(v, 0.1, np.float32),
+        category_concept_frequency=np.full((2, v), 0.1, np.float32),
+    )
+    routed = np.where((router.argmax(axis=1) == 0)[:, None], np.nan_to_num(own), global_probs)
+    averaged = 0.5 * (global_probs + routed)
+    for reduced, dense in ((ablation.routed_probs(inputs), routed), (ablation.averaged_probs(inputs), averaged),
+                           (ablation.top_probs(global_probs), global_probs)):
+        assert reduced.shape == (n, v) and np.all(np.diff(reduced.indptr) == 3)
+        for row in range(n):
+            np.testing.assert_allclose(np.sort(reduced[row].data), np.sort(dense[row])[-3:], rtol=1e-6)
+    oracle = ablation.routed_probs(inputs, ["B"] * n)  # every image to B, which has no model: the global one
+    np.testing.assert_allclose(oracle.toarray(), ablation.top_probs(global_probs).toarray())
+    published = ablation.at_published_threshold(global_probs)
+    np.testing.assert_array_equal(published.toarray(), global_probs >= 0.5)
