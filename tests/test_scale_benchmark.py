@@ -68,4 +68,4 @@ def test_tiny_run_prints_every_stage_and_a_valid_upload(tmp_path: Path) -> None:
         assert len(disk.split(" / ")) == 4
     image_cache, features, run, _ = (float(value) for value in rows["train-all"][5].split(" / "))
     assert image_cache > 0 and features > 0 and run > 0  # train-all wrote the caches and the run
-    assert float(rows["predict"][5].split(" / ")[3]) > 0  # the submission and the zip
+    assert (tmp_path / "outputs" / "submission.zip").is_file()  # a few KB here: the table shows 0.0 MB
