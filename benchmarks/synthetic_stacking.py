@@ -13,6 +13,7 @@ folder, and pytest finds it through `pythonpath = ["benchmarks"]` in pyproject.t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -58,8 +59,14 @@ def make_synthetic_set(
     dtype: type = np.float16,
     with_knn: bool = True,
     fallback_categories: tuple[int, ...] = (),
+    out_dir: Path | None = None,
 ) -> SyntheticSet:
-    """Build one image set; `fallback_categories` get no category model (they use the global one)."""
+    """Build one image set; `fallback_categories` get no category model (they use the global one).
+
+    With `out_dir`, each model's (n, V) probabilities are written there block by block as .npy
+    files and returned as read-only memory maps, as a run's saved model outputs are read: at
+    2026 scale (116,604 x 2,646) eight float16 models are 4.9 GB, which need not be in memory.
+    """
     rng = np.random.default_rng(seed)
     categories = [f"category{c}" for c in range(n_categories)]
     popularity = 1.0 / np.arange(1, n_concepts + 1) ** 0.8
@@ -95,8 +102,13 @@ def make_synthetic_set(
     # Correlated errors: every model's noise is partly this shared draw, regenerated per block.
     shared_seed = int(rng.integers(2**31))
 
-    def model_probs(signal_per_row: np.ndarray, known: np.ndarray | None) -> np.ndarray:
-        out: np.ndarray = np.empty((n_images, n_concepts), dtype=dtype)
+    def model_probs(signal_per_row: np.ndarray, known: np.ndarray | None, name: str) -> np.ndarray:
+        path = None if out_dir is None else Path(out_dir) / f"{name}.npy"
+        out: np.ndarray = (
+            np.empty((n_images, n_concepts), dtype=dtype)
+            if path is None
+            else np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n_images, n_concepts))
+        )
         shared_rng = np.random.default_rng(shared_seed)
         own, common = np.sqrt(1.0 - signals.shared_noise), np.sqrt(signals.shared_noise)
         for start in range(0, n_images, BLOCK_ROWS):
@@ -110,16 +122,20 @@ def make_synthetic_set(
             if known is not None:
                 block[:, ~known] = np.nan
             out[start:stop] = block
-        return out
+        if path is None:
+            return out
+        del out  # flushed and unmapped: read back as a run's saved outputs are
+        mapped: np.ndarray = np.load(path, mmap_mode="r")
+        return mapped
 
-    global_probs = model_probs(np.full(n_images, signals.global_signal), None)
+    global_probs = model_probs(np.full(n_images, signals.global_signal), None, "global")
     category_probs = {}
     for c, name in enumerate(categories):
         if c in fallback_categories:
             continue
         known = (home == c) | (rng.random(n_concepts) < signals.category_vocabulary_share)
         signal = np.where(true_category == c, signals.category_signal, signals.off_category_signal)
-        category_probs[name] = model_probs(signal, known)
+        category_probs[name] = model_probs(signal, known, name)
 
     router_logits = rng.standard_normal((n_images, n_categories)).astype(np.float32)
     right = rng.random(n_images) < signals.router_accuracy

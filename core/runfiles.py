@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -69,6 +70,49 @@ def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
     """Load an .npz written by atomic_save_arrays without allowing pickled objects."""
     with np.load(Path(path), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+def map_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz written by atomic_save_arrays, large ones as read-only memory maps.
+
+    `np.savez` stores each array uncompressed at a fixed offset of the zip, so a (n, V) model
+    output can be read in blocks of rows from the page cache instead of copied whole into the
+    process: 19,240 x 2,646 float32 validation probabilities are 204 MB per network, and
+    out-of-fold outputs of 116,000 images would be 1.2 GB. The file format is unchanged (old runs
+    read the same way); a member that is compressed, empty or not a plain numeric array is loaded.
+    """
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as stream:
+        for member in archive.infolist():
+            name = member.filename.removesuffix(".npy")
+            mapped = _mapped_member(path, stream, member) if member.compress_type == zipfile.ZIP_STORED else None
+            if mapped is None:
+                with archive.open(member) as source:
+                    mapped = np.lib.format.read_array(source, allow_pickle=False)
+            arrays[name] = mapped
+    return arrays
+
+
+def _mapped_member(path: Path, stream: IO[bytes], member: zipfile.ZipInfo) -> np.ndarray | None:
+    """A memory map of one stored .npy member of a zip, or None when it cannot be mapped."""
+    stream.seek(member.header_offset)
+    local_header = stream.read(30)
+    if local_header[:4] != b"PK\x03\x04":
+        return None
+    name_length, extra_length = int.from_bytes(local_header[26:28], "little"), int.from_bytes(local_header[28:30], "little")
+    stream.seek(member.header_offset + 30 + name_length + extra_length)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        return None
+    if dtype.hasobject or dtype.kind not in "biuf" or int(np.prod(shape)) == 0:
+        return None
+    order: Literal["C", "F"] = "F" if fortran_order else "C"
+    return np.memmap(path, dtype=dtype, mode="r", offset=stream.tell(), shape=tuple(shape), order=order)
 
 
 def sparse_arrays(matrix: sp.spmatrix | sp.sparray, binary: bool = False) -> dict[str, np.ndarray]:

@@ -12,6 +12,12 @@ import numpy as np
 import scipy.sparse as sp
 
 
+# Similarities held at once: a block of queries x all training images. At 2026 size (97,000
+# training images) 1,024 queries made a 397 MB block plus an 794 MB int64 argpartition of it;
+# this bound keeps a block near 64 MB (+128 MB) however large the training set is.
+SIMILARITY_BLOCK_ELEMENTS = 2**24
+
+
 def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
     vectors = np.asarray(embeddings, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -28,7 +34,8 @@ class NearestNeighbourScorer:
     ----------
     n_neighbours : int, default=10
     chunk_size : int, default=1024
-        Query images per block of similarities (bounds memory, not the result).
+        Most query images per block of similarities (bounds memory, not the result); fewer
+        when a block would hold more than `SIMILARITY_BLOCK_ELEMENTS` similarities.
 
     Attributes
     ----------
@@ -78,8 +85,9 @@ class NearestNeighbourScorer:
         k = min(self.n_neighbours, self.train_vectors_.shape[0])
         all_indices = np.empty((queries.shape[0], k), dtype=np.int64)
         all_similarities = np.empty((queries.shape[0], k), dtype=np.float32)
-        for start in range(0, queries.shape[0], self.chunk_size):
-            block = queries[start : start + self.chunk_size] @ self.train_vectors_.T
+        chunk = max(1, min(self.chunk_size, SIMILARITY_BLOCK_ELEMENTS // max(self.train_vectors_.shape[0], 1)))
+        for start in range(0, queries.shape[0], chunk):
+            block = queries[start : start + chunk] @ self.train_vectors_.T
             if k < block.shape[1]:
                 top = np.argpartition(-block, k - 1, axis=1)[:, :k]
             else:

@@ -52,3 +52,27 @@ def test_knn_with_fewer_training_images_than_neighbours():
     labels = sp.csr_matrix(np.eye(3, 5, dtype=np.float32))
     scores = NearestNeighbourScorer(n_neighbours=10).fit(train, labels).predict(np.array([[1.0, 0, 0, 0]]))
     np.testing.assert_allclose(scores.toarray(), [[1.0, 0, 0, 0, 0]])  # the other two have similarity 0
+
+
+def test_similarity_blocks_shrink_with_the_training_set(monkeypatch):
+    """A block holds at most SIMILARITY_BLOCK_ELEMENTS similarities (1,024 queries x 97,000 training
+    images were 1.2 GB with the argpartition), and the scores do not depend on it."""
+    from conceptclef.ensemble import knn
+
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((300, 16))
+    labels = sp.csr_matrix((rng.random((300, 25)) < 0.15).astype(np.float32))
+    queries = rng.standard_normal((70, 16))
+    expected = NearestNeighbourScorer(n_neighbours=7).fit(train, labels).predict(queries).toarray()
+    blocks: list[int] = []
+    real_argpartition = np.argpartition
+
+    def recording_argpartition(values, *args, **kwargs):
+        blocks.append(values.shape[0])
+        return real_argpartition(values, *args, **kwargs)
+
+    monkeypatch.setattr(knn, "SIMILARITY_BLOCK_ELEMENTS", 300 * 16)
+    monkeypatch.setattr(knn.np, "argpartition", recording_argpartition)
+    got = NearestNeighbourScorer(n_neighbours=7).fit(train, labels).predict(queries).toarray()
+    assert max(blocks) == 16 and sum(blocks) == 70
+    np.testing.assert_allclose(got, expected, atol=1e-6)

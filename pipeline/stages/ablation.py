@@ -6,7 +6,10 @@ global model at 0.5 (the published baseline), global with tuned thresholds, per-
 routed by the router, per-category with the true categories (oracle routing), the average of
 global and routed category models, and the full stacked ensemble. Thresholds of the baseline
 rows are tuned on validation like the ensemble's; on validation itself (no --images) every row
-is cross-fitted so no row is scored on images it was tuned on. Beside the overall (primary)
+is cross-fitted so no row is scored on images it was tuned on. The rows built from a model's
+dense probabilities see each image's `ABLATION_TOP_K` (100) most probable concepts, read block by
+block: no rule labels more than 100 concepts per image, and the whole matrix as CSR (51 million
+entries at 2026 size) made the tuners take minutes and gigabytes. Beside the overall (primary)
 score, each row has the 2025/2026 secondary score (`scoring.secondary`); per_concept.csv holds
 the stacked ensemble's support, F1 and average precision for every concept, by frequency band.
 """
@@ -32,6 +35,7 @@ from conceptclef.ensemble.decoding import make_decider
 from conceptclef.ensemble.folds import fold_splits, image_folds
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.mixing import assigned_block, category_positions, routed_index
+from conceptclef.ensemble.sparse_ops import at_least_csr, top_k_csr
 from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 from conceptclef.pipeline.stages.train_networks import read_confusion
 from conceptclef.pipeline.stages.concept_report import concept_report
@@ -72,11 +76,39 @@ class LabelledOutputs:
     secondary_outside: np.ndarray | None = None  # secondary-list CUIs of each image outside the vocabulary
 
 
-def routed_probs(inputs: StackingInputs, categories: list[str] | None = None) -> np.ndarray:
-    """Each image's probabilities from the model of `categories[i]` (by default the router's choice;
-    the global model when the category has none), 0 where that model does not know a concept."""
+# Every decision rule labels at most max_labels <= 100 concepts per image (the checker's limit),
+# so the rows tuned on a dense (images x concepts) matrix see each image's 100 most probable
+# concepts: 1.9 million entries instead of 51 million at full 2026 size (19,240 x 2,646).
+ABLATION_TOP_K = 100
+
+
+def routed_probs(inputs: StackingInputs, categories: list[str] | None = None) -> sp.csr_matrix:
+    """Each image's top `ABLATION_TOP_K` probabilities from the model of `categories[i]` (by default
+    the router's choice; the global model when the category has none), built in blocks of images;
+    absent where that model does not know a concept."""
     assigned = routed_index(inputs.router_probs) if categories is None else category_positions(inputs, categories)
-    return np.nan_to_num(assigned_block(inputs, assigned, slice(None)), nan=0.0)
+    return top_k_csr(lambda rows: assigned_block(inputs, assigned[rows], rows), (inputs.n_images, inputs.n_concepts), ABLATION_TOP_K)
+
+
+def top_probs(probs: np.ndarray) -> sp.csr_matrix:
+    """A dense (or memory-mapped) probability matrix reduced to each image's top `ABLATION_TOP_K`, in blocks."""
+    return top_k_csr(probs, probs.shape, ABLATION_TOP_K)
+
+
+def averaged_probs(inputs: StackingInputs) -> sp.csr_matrix:
+    """Top `ABLATION_TOP_K` per image of the average of the global and routed models (NaN of the routed model read as 0)."""
+    assigned = routed_index(inputs.router_probs)
+
+    def block(rows: slice) -> np.ndarray:
+        routed = np.nan_to_num(assigned_block(inputs, assigned[rows], rows), nan=0.0)
+        return 0.5 * (np.asarray(inputs.global_probs[rows], dtype=np.float32) + routed)
+
+    return top_k_csr(block, (inputs.n_images, inputs.n_concepts), ABLATION_TOP_K)
+
+
+def at_published_threshold(probs: np.ndarray) -> sp.csr_matrix:
+    """The published baseline: every concept with probability >= 0.5, built in blocks."""
+    return sp.csr_matrix(at_least_csr(probs, probs.shape, 0.5), dtype=bool)
 
 
 def router_choice(outputs: BaseOutputs) -> list[str]:
@@ -94,7 +126,7 @@ def cross_fitted(shape: tuple[int, int], config: Config, decide: FoldDecider) ->
     return decisions.tocsr()
 
 
-def cross_fitted_threshold_decisions(probs: np.ndarray, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
+def cross_fitted_threshold_decisions(probs: sp.csr_matrix, truth: sp.csr_matrix, outside: np.ndarray, config: Config) -> sp.csr_matrix:
     """Decisions for every image from thresholds tuned on the other folds only."""
     return cross_fitted(
         probs.shape, config, lambda rest, held: make_tuner(config).fit(probs[rest], truth[rest], outside[rest]).predict(probs[held])
@@ -165,7 +197,7 @@ def run_ablation(
         grouped_by="true category" if labelled.true_categories else "routed category",
         confusion=confusion,
         threshold_curves={
-            "global model": (np.asarray(labelled.outputs.global_probs), labelled),
+            "global model": (labelled.outputs.global_probs, labelled),
             "stacked ensemble": (stacked_probs, labelled),
         },
         fallback_categories=manifest.fallback_categories,
@@ -198,23 +230,21 @@ def _validation_rows(
     outputs = labelled.outputs
     truth, outside = labelled.truth, labelled.truth_outside
     inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
-    routed = routed_probs(inputs)
     frequency = ensemble.statistics.concept_frequency
     rows: dict[str, sp.csr_matrix] = {
         MOST_FREQUENT_ROW: cross_fitted_most_frequent_decisions(frequency, truth, outside, config),
-        "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
-        "global + tuned thresholds": cross_fitted_threshold_decisions(np.asarray(outputs.global_probs), truth, outside, config),
+        "global @ 0.5 (published baseline)": at_published_threshold(outputs.global_probs),
+        "global + tuned thresholds": cross_fitted_threshold_decisions(top_probs(outputs.global_probs), truth, outside, config),
         **{
-            extra_global_row(name): cross_fitted_threshold_decisions(np.asarray(probs), truth, outside, config)
+            extra_global_row(name): cross_fitted_threshold_decisions(top_probs(probs), truth, outside, config)
             for name, probs in outputs.extra_global_probs.items()
         },
-        "per-category, routed + tuned thresholds": cross_fitted_threshold_decisions(routed, truth, outside, config),
+        "per-category, routed + tuned thresholds": cross_fitted_threshold_decisions(routed_probs(inputs), truth, outside, config),
     }
     if labelled.true_categories is not None:
         oracle = routed_probs(inputs, labelled.true_categories)
         rows["per-category, oracle routing + tuned thresholds"] = cross_fitted_threshold_decisions(oracle, truth, outside, config)
-    average = 0.5 * (np.asarray(outputs.global_probs) + routed)
-    rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(average, truth, outside, config)
+    rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(averaged_probs(inputs), truth, outside, config)
     _, oof = load_oof_probabilities(layout)
     rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
         _cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule), oof, frequency
@@ -270,33 +300,30 @@ def _test_outputs(
 def _test_rows(
     config: Config, vocabulary: ConceptVocabulary, validation: LabelledOutputs, labelled: LabelledOutputs, ensemble: FittedEnsemble
 ) -> tuple[dict[str, sp.csr_matrix], sp.csr_matrix]:
-    def tuned(valid_probs: np.ndarray, test_probs: np.ndarray) -> sp.csr_matrix:
+    def tuned(valid_probs: sp.csr_matrix, test_probs: sp.csr_matrix) -> sp.csr_matrix:
         tuner = make_tuner(config).fit(valid_probs, validation.truth, validation.truth_outside)
         return sp.csr_matrix(tuner.predict(test_probs), dtype=bool)
 
     outputs, valid_outputs = labelled.outputs, validation.outputs
     inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
     valid_inputs = to_stacking_inputs(valid_outputs, vocabulary, ensemble.statistics, ensemble.knn)
-    routed, valid_routed = routed_probs(inputs), routed_probs(valid_inputs)
     frequency = ensemble.statistics.concept_frequency
     _, k = best_most_frequent_k(frequency, validation.truth, validation.truth_outside)
     rows: dict[str, sp.csr_matrix] = {
         MOST_FREQUENT_ROW: most_frequent_predictions(frequency, labelled.truth.shape[0], k),
-        "global @ 0.5 (published baseline)": sp.csr_matrix(np.asarray(outputs.global_probs) >= 0.5),
-        "global + tuned thresholds": tuned(np.asarray(valid_outputs.global_probs), np.asarray(outputs.global_probs)),
+        "global @ 0.5 (published baseline)": at_published_threshold(outputs.global_probs),
+        "global + tuned thresholds": tuned(top_probs(valid_outputs.global_probs), top_probs(outputs.global_probs)),
         **{
-            extra_global_row(name): tuned(np.asarray(valid_outputs.extra_global_probs[name]), np.asarray(probs))
+            extra_global_row(name): tuned(top_probs(valid_outputs.extra_global_probs[name]), top_probs(probs))
             for name, probs in outputs.extra_global_probs.items()
         },
-        "per-category, routed + tuned thresholds": tuned(valid_routed, routed),
+        "per-category, routed + tuned thresholds": tuned(routed_probs(valid_inputs), routed_probs(inputs)),
     }
     if labelled.true_categories is not None and validation.true_categories is not None:
         rows["per-category, oracle routing + tuned thresholds"] = tuned(
             routed_probs(valid_inputs, validation.true_categories), routed_probs(inputs, labelled.true_categories)
         )
-    rows["average(global, routed) + tuned thresholds"] = tuned(
-        0.5 * (np.asarray(valid_outputs.global_probs) + valid_routed), 0.5 * (np.asarray(outputs.global_probs) + routed)
-    )
+    rows["average(global, routed) + tuned thresholds"] = tuned(averaged_probs(valid_inputs), averaged_probs(inputs))
     stacked = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
     # Topped up to one concept per image exactly as predict writes the submission.
     rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(

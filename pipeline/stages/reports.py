@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from conceptclef.core.runfiles import atomic_output, atomic_write_text  # noqa: E402
+from conceptclef.ensemble.sparse_ops import at_least_csr  # noqa: E402
 from conceptclef.pipeline.stages.concept_report import band_summary, band_summary_markdown  # noqa: E402
 from conceptclef.scoring.f1 import per_image_f1_sparse  # noqa: E402
 
@@ -74,8 +75,13 @@ def plot_confusion(categories: list[str], matrix: np.ndarray, path: Path) -> Non
 
 
 def threshold_curve(probs: np.ndarray | sp.spmatrix, truth: sp.spmatrix, outside: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Official F1 when one global threshold is applied to every concept."""
-    probs = sp.csr_matrix(probs)
+    """Official F1 when one global threshold is applied to every concept.
+
+    Only scores at or above the lowest threshold can be chosen, so only those are kept (block by
+    block for a dense matrix): the same curve without a CSR copy of every (image, concept) pair.
+    """
+    floor = float(np.min(thresholds))
+    probs = at_least_csr(probs, probs.shape, floor) if not sp.issparse(probs) else sp.csr_matrix(probs)
     scores = []
     for threshold in thresholds:
         decided = probs.copy()

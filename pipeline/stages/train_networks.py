@@ -15,7 +15,7 @@ import numpy as np
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, TrainingConfig
-from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, load_arrays, read_json
+from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, map_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.stages import tta
 from conceptclef.pipeline.image_sets import ImageSet, routed_subset
@@ -46,7 +46,9 @@ class ModelPredictions:
 
     @classmethod
     def load(cls, path: Path) -> "ModelPredictions":
-        arrays = load_arrays(path)
+        """The saved outputs; probabilities and embeddings as read-only memory maps of the file
+        (any float dtype), so a stage reads only the rows it uses, block by block."""
+        arrays = map_arrays(path)
         return cls(
             image_ids=[str(image_id) for image_id in arrays["image_ids"]],
             probs=arrays["probs"],
