@@ -111,7 +111,7 @@ def image_cache_dir(data_dir: Path, config: Config, layout: RunLayout) -> Path:
     shared = Path(data_dir) / ".cache"
     if not Path(data_dir).is_dir():
         return shared  # no data folder at all: loading the data names it; no fallback to announce
-    problem = _cannot_write(shared)
+    problem = why_not_writable(shared)
     if problem is not None:
         log.warning("%s is not writable (%s): caching the images in %s (set data.cache_dir to choose)", shared, problem, layout.cache_dir)
         return layout.cache_dir
@@ -121,7 +121,7 @@ def image_cache_dir(data_dir: Path, config: Config, layout: RunLayout) -> Path:
 def configured_cache_dir(config: Config, where: str = "data.cache_dir") -> Path:
     """`data.cache_dir`, created; a folder that cannot be made is a one-line error naming the key."""
     folder = Path(config.data.cache_dir)
-    problem = _cannot_write(folder)
+    problem = why_not_writable(folder)
     if problem is not None:
         raise ConfigError(f"{where} = {config.data.cache_dir!r}: cannot write the image cache there ({problem}); choose another folder")
     return folder
@@ -143,7 +143,7 @@ def prediction_cache_dir(images_dir: Path, config: Config, data_dir: Path | None
     problem = "not in the run's data folder"
     if data_dir is not None and parent == Path(data_dir).resolve():
         shared = parent / ".cache"
-        problem = _cannot_write(shared) or ""
+        problem = why_not_writable(shared) or ""
         if not problem:
             yield shared
             return
@@ -152,8 +152,11 @@ def prediction_cache_dir(images_dir: Path, config: Config, data_dir: Path | None
         yield Path(temporary)
 
 
-def _cannot_write(folder: Path) -> str | None:
-    """Why files cannot be created in `folder` (made if missing), or None."""
+def why_not_writable(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (made if missing), or None.
+
+    A real file is created and removed: permissions alone miss /proc, read-only mounts and full
+    disks (as root, os.access says yes to all of them)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = create_partial(folder / "probe")

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptclef.data.errors import DataError
 from conceptclef.data.layout import split_folder
+from conceptclef.pipeline.run.directory import why_not_writable
 from conceptclef.pipeline.run.fingerprint import DataFingerprint
 from conceptclef.pipeline.run.layout import RunLayout
 
@@ -49,16 +49,17 @@ def check_submission_path(out: Path, protected: dict[str, Path], overwrite: bool
     for path in (out, sidecar):
         if path.is_dir():
             raise OutputPathError(path, "is a directory; give --out a file name, e.g. submission.csv")
-    resolved = out.resolve()
     for role, folder in protected.items():
-        if resolved == folder.resolve() or folder.resolve() in resolved.parents:
+        if _is_within(out, folder):
             raise OutputPathError(out, f"is inside {role} {folder}; predict never writes there: choose another --out")
     parent = out.parent
     if not parent.is_dir():
         raise OutputPathError(parent, "folder of --out does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(parent, "folder of --out is not writable")
-    _check_can_create_files(parent)
+    problem = why_not_writable(parent)
+    if problem is not None:  # e.g. /proc: the prediction pass would otherwise end in a failed write
+        raise OutputPathError(parent, f"folder of --out cannot be written: {problem}")
     _refuse_replacing_foreign(out, out, overwrite, f"was not written by predict (no {sidecar.name} beside it)")
 
 
@@ -75,14 +76,9 @@ def _refuse_replacing_foreign(path: Path, submission: Path, overwrite: bool, why
         raise OutputPathError(path, f"already exists and {why}; pass --overwrite to replace it, or choose another --out")
 
 
-def _check_can_create_files(folder: Path) -> None:
-    """Create and remove a file there: permissions alone miss /proc, read-only mounts and full disks
-    (as root, os.access says yes to all), which would otherwise fail after the whole prediction pass."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".conceptclef-write-check-"):
-            pass
-    except OSError as error:
-        raise OutputPathError(folder, f"folder of --out cannot be written: {error.strerror or error}") from None
+def _is_within(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies below it (both resolved: symlinks and `..` cannot sneak around it)."""
+    return Path(path).resolve().is_relative_to(folder.resolve())
 
 
 # Names of concept and ground-truth files: *concepts*, *cuis*, *categories*, *truth*, gt.* (and cui_mapping.csv).
@@ -131,9 +127,8 @@ class RunInputs:
 def check_images_folder(images_dir: Path, inputs: RunInputs) -> None:
     """Test images must not be the run's own training or validation images: their scores would be
     meaningless and the submission would cover the wrong images."""
-    resolved = Path(images_dir).resolve()
     for role, folder in inputs.image_folders.items():
-        if resolved == folder.resolve() or folder.resolve() in resolved.parents:
+        if _is_within(images_dir, folder):
             raise OutputPathError(images_dir, f"is {role} ({folder}); predict takes the test images: give e.g. {folder.parent / 'test'}")
 
 
