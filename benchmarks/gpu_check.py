@@ -178,7 +178,7 @@ def bare_loop(data: Path, config_path: Path, steps: int, warmup: int) -> dict[st
     config = load_config(config_path)
     training, size = config.global_model, config.data.image_size
     device = torch.device("cuda")
-    settings = DeviceSettings.for_device(device, training.amp, training.channels_last, training.amp_dtype)
+    settings = DeviceSettings.for_training(device, training)
     images, _ = _cached_images(data, size, training.batch_size * 8)
     batches = [
         torch.from_numpy(np.ascontiguousarray(images[start : start + training.batch_size])).permute(0, 3, 1, 2).pin_memory()

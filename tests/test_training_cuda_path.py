@@ -300,3 +300,19 @@ def test_loader_augmentation_of_the_permuted_view_equals_that_of_a_contiguous_ba
     torch.manual_seed(9)
     from_copy = augmenter(pixels.permute(0, 3, 1, 2).contiguous())
     assert torch.equal(from_view, from_copy)
+
+
+def test_training_and_prediction_take_the_networks_amp_dtype(tmp_path, monkeypatch):
+    """amp_dtype reaches the training loop too (it once built its settings without it: "auto" always)."""
+    asked: list[str] = []
+    original = DeviceSettings.for_device.__func__
+
+    def recording(cls, device, amp, channels_last, amp_dtype="auto"):
+        asked.append(amp_dtype)
+        return original(cls, device, amp, channels_last, amp_dtype)
+
+    monkeypatch.setattr(DeviceSettings, "for_device", classmethod(recording))
+    router = _fit(dataclasses.replace(ROUTER, epochs=1, amp_dtype="float16"), tmp_path, count=16)
+    router.predict_proba(_data(16)[2])
+    assert asked and set(asked) == {"float16"}
+    assert DeviceSettings.for_training(torch.device("cpu"), dataclasses.replace(ROUTER, amp_dtype="bfloat16")).amp_dtype == torch.bfloat16

@@ -268,8 +268,7 @@ class NetworkEstimator(Generic[TargetsT]):
 
     # -- prediction -------------------------------------------------------------------------
     def _device_settings(self) -> DeviceSettings:
-        training = self.training
-        return DeviceSettings.for_device(self.device_, training.amp, training.channels_last, training.amp_dtype)
+        return DeviceSettings.for_training(self.device_, self.training)
 
     def _outputs(self, images: Any, probabilities: bool, embeddings: bool) -> list[np.ndarray]:
         if not hasattr(self, "network_"):

@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from conceptclef.training.distributed import SINGLE, Shard, all_gather_rows
+
+if TYPE_CHECKING:
+    from conceptclef.core.config import TrainingConfig
 
 Activation = Literal["softmax", "sigmoid"]
 
@@ -49,6 +52,12 @@ class DeviceSettings:
         on_cuda = device.type == "cuda"
         capability = torch.cuda.get_device_capability(device) if on_cuda and amp else None
         return cls(device=device, amp=amp and on_cuda, channels_last=channels_last and on_cuda, amp_dtype=autocast_dtype(amp_dtype, capability))
+
+    @classmethod
+    def for_training(cls, device: torch.device, training: TrainingConfig) -> "DeviceSettings":
+        """A network's settings (amp, amp_dtype, channels_last) on `device`: one place, so training,
+        prediction and the GPU check run a network with the same autocast dtype."""
+        return cls.for_device(device, training.amp, training.channels_last, training.amp_dtype)
 
     @property
     def scales_loss(self) -> bool:

@@ -200,7 +200,7 @@ def fit_network(
     and fine-tuning starts from it.
     """
     files = RunFiles(work_dir)
-    device_settings = DeviceSettings.for_device(settings.device, training.amp, training.channels_last)
+    device_settings = DeviceSettings.for_training(settings.device, training)
     configure_cudnn(settings.device, training.deterministic)
     seed_everything(settings.seed)
     network.to(settings.device)
