@@ -476,8 +476,7 @@ class Trainer:
         global_sizes = training_batch_sizes(len(phase.train_data), training.batch_size, shard.world)
         tally = LossTally(settings.device)
         for epoch in range(first, last):
-            generator = _seed_epoch(settings.seed, epoch)
-            sampler.set_pass(int(generator.initial_seed()))
+            sampler.set_pass(_seed_epoch(settings.seed, epoch))
             self._train_one_pass(trained, loader, global_sizes, shard, tally, epoch)
         distributed.average_buffers(phase.module)
         total, count, nonfinite = distributed.all_reduce_sum(tally.totals())  # the round's one reduction, flag included
@@ -570,7 +569,10 @@ class Trainer:
         phase, objective = self.phase, self.objective
         phase.module.eval()
         shard = distributed.shard_for(len(phase.valid_data))
-        loader = batch_loader(phase.valid_data, self.training.batch_size, shuffle=False, num_workers=phase.loader_workers, shard=shard)
+        loader = batch_loader(
+            phase.valid_data, self.training.batch_size, shuffle=False, num_workers=phase.loader_workers,
+            pin_memory=self.device_settings.pin_memory, shard=shard,
+        )
         (outputs,) = run_forward(
             lambda inputs: to_probabilities(phase.forward(inputs), objective.activation),
             loader,
@@ -781,14 +783,14 @@ def _build_optimizer(groups: list[dict[str, Any]], training: TrainingConfig) -> 
     raise ValueError(f"unknown optimizer {training.optimizer!r}")
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Re-seed every RNG for this epoch (and rank); returns the generator that shuffles its batches.
+def _seed_epoch(seed: int, epoch: int) -> int:
+    """Re-seed every RNG for this epoch (and rank); returns the seed that shuffles its batches.
 
-    The shuffle generator is the same on every rank, so all ranks slice the same global batches.
+    The shuffle seed is the same on every rank, so all ranks slice the same global batches.
     """
     value = epoch_seed(seed, epoch)
     seed_everything(process_seed(value, distributed.rank()))
-    return torch.Generator().manual_seed(value)
+    return value
 
 
 def _should_stop(progress: _Progress, training: TrainingConfig) -> bool:
