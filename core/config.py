@@ -309,8 +309,6 @@ def _check_extra_global_models(config: "Config", source: str, text: str) -> None
             raise ConfigError(f"{where}: extra_global_models name {extra.name!r} must be letters, digits, '_', '.', '-' (it names RUN/global-<name>/)")
         if extra.name in seen:
             raise ConfigError(f"{where}: extra_global_models name {extra.name!r} is used twice")
-        if extra.image_size < 0:
-            raise ConfigError(f"{where}: extra_global_models {extra.name!r}: image_size must be >= 0 (0: data.image_size)")
         if extra.init_from != "weights":
             raise ConfigError(f"{where}: extra_global_models {extra.name!r}: only [category_model] can start from the global model (init_from)")
         seen.add(extra.name)
