@@ -65,3 +65,18 @@ def fold_splits(fold_of_row: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarra
         Row indices (int) to fit on and to hold out, one pair per fold.
     """
     return PredefinedSplit(np.asarray(fold_of_row)).split()
+
+
+def fold_count(fold_of_row: np.ndarray) -> int:
+    """How many folds `fold_splits(fold_of_row)` yields, without making their index arrays.
+
+    Parameters
+    ----------
+    fold_of_row : numpy.ndarray of shape (n_rows,), int
+        Fold number per row.
+
+    Returns
+    -------
+    int
+    """
+    return int(PredefinedSplit(np.asarray(fold_of_row)).get_n_splits())

@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted
 from conceptclef.core.config import EnsembleConfig
 from conceptclef.core.runfiles import atomic_write_json, atomic_write_text, read_json
 from conceptclef.ensemble.features import PairTable, build_pair_table
-from conceptclef.ensemble.folds import fold_splits, image_folds
+from conceptclef.ensemble.folds import fold_count, fold_splits, image_folds
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.sparse_ops import as_bool_csr, gather
 
@@ -467,8 +467,9 @@ def cross_fit_table(
     rounds : int
     """
     fold_models, held_out_rows, weighted_losses = [], [], []
-    splits = list(fold_splits(np.asarray(image_fold)[table.candidates.rows]))
-    for fold, (fit_on, held_out) in enumerate(splits, start=1):
+    fold_of_pair = np.asarray(image_fold)[table.candidates.rows]
+    n_folds = fold_count(fold_of_pair)  # for the log: the folds' index arrays are made one at a time
+    for fold, (fit_on, held_out) in enumerate(fold_splits(fold_of_pair), start=1):
         started = time.perf_counter()
         stacker = ConceptStacker.from_config(config, seed, num_threads)
         if config.choose_rounds:
@@ -483,7 +484,7 @@ def cross_fit_table(
         held_out_rows.append(held_out)
         log.info(
             "ensemble: fold %d/%d: %d boosting rounds on %d pairs, %.1fs",
-            fold, len(splits), stacker.booster_.current_iteration(), fit_on.size, time.perf_counter() - started,
+            fold, n_folds, stacker.booster_.current_iteration(), fit_on.size, time.perf_counter() - started,
         )
     if config.choose_rounds:
         common = min(loss.size for loss in weighted_losses)
