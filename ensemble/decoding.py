@@ -20,7 +20,7 @@ from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.ensemble.rule_files import read_rule, save_rule
 from conceptclef.ensemble.sparse_ops import as_bool_csr, as_score_csr, row_of_entries
 from conceptclef.ensemble.folds import fold_splits, image_folds
-from conceptclef.ensemble.thresholds import ConceptThresholdTuner, multilabel_tags
+from conceptclef.ensemble.thresholds import ConceptThresholdTuner, checked_fit_inputs, multilabel_tags
 from conceptclef.scoring.f1 import mean_sample_f1_sparse
 
 if TYPE_CHECKING:  # scikit-learn >= 1.6; older releases never call __sklearn_tags__
@@ -104,20 +104,7 @@ class ExpectedF1Decoder(BaseEstimator):
         -------
         self : ExpectedF1Decoder
         """
-        if truth is None:
-            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
-        scores = as_score_csr(probs)
-        truth_csr = as_bool_csr(truth)
-        if scores.shape != truth_csr.shape:
-            raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
-        if scores.shape[0] == 0:
-            raise ValueError(f"{type(self).__name__} cannot be fitted on 0 images (probs of shape {scores.shape})")
-        sizes = np.diff(truth_csr.indptr).astype(np.float64)
-        if truth_outside is not None:
-            outside = np.asarray(truth_outside, dtype=np.float64)
-            if outside.shape != sizes.shape:
-                raise ValueError(f"truth_outside has shape {outside.shape}, expected one count per image {sizes.shape}")
-            sizes = sizes + outside
+        scores, _, sizes = checked_fit_inputs(self, probs, truth, truth_outside)
         mass = np.asarray(scores.sum(axis=1)).ravel()
         scored = sizes > 0
         missing = float(np.mean(sizes[scored] - mass[scored])) if scored.any() else 0.0

@@ -40,6 +40,41 @@ def _truth_sizes(truth: sp.csr_matrix, truth_outside: np.ndarray | None) -> np.n
     return sizes
 
 
+def checked_fit_inputs(
+    rule: object, probs: sp.spmatrix | np.ndarray, truth: sp.spmatrix | np.ndarray | None, truth_outside: np.ndarray | None
+) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """What both decision rules' `fit` refuse, checked once: (scores, truth, |G| per image).
+
+    No truth, probabilities and truth of different shapes, or no image at all would otherwise
+    fit a rule silently on the wrong labels (or on nothing).
+
+    Parameters
+    ----------
+    rule : ConceptThresholdTuner or ExpectedF1Decoder
+        The rule being fitted (named in the errors).
+    probs : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), float
+    truth : numpy.ndarray or scipy.sparse matrix of shape (n_images, n_concepts), bool
+    truth_outside : numpy.ndarray of shape (n_images,), int, optional
+        True concepts per image outside the vocabulary.
+
+    Returns
+    -------
+    scores : scipy.sparse.csr_matrix of shape (n_images, n_concepts), float
+    truth : scipy.sparse.csr_matrix of shape (n_images, n_concepts), bool
+    sizes : numpy.ndarray of shape (n_images,), float64
+        |G| per image, out-of-vocabulary concepts included.
+    """
+    if truth is None:
+        raise ValueError(f"{type(rule).__name__} requires y to be passed, but the target y is None")
+    scores = as_score_csr(probs)
+    truth_csr = as_bool_csr(truth)
+    if scores.shape != truth_csr.shape:
+        raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
+    if scores.shape[0] == 0:
+        raise ValueError(f"{type(rule).__name__} cannot be fitted on 0 images (probs of shape {scores.shape})")
+    return scores, truth_csr, _truth_sizes(truth_csr, truth_outside)
+
+
 def multilabel_tags(tags: Tags) -> Tags:
     """scikit-learn tags shared by both decision rules: X is an (n_images, n_concepts) probability
     matrix, dense or sparse, NaN meaning "no score"; y is a label matrix of the same shape.
@@ -230,16 +265,8 @@ class ConceptThresholdTuner(BaseEstimator):
         -------
         self : ConceptThresholdTuner
         """
-        if truth is None:
-            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
-        scores = as_score_csr(probs)
-        truth_csr = as_bool_csr(truth)
-        if scores.shape != truth_csr.shape:
-            raise ValueError(f"probs {scores.shape} and truth {truth_csr.shape} differ in shape")
-        if scores.shape[0] == 0:
-            raise ValueError(f"{type(self).__name__} cannot be fitted on 0 images (probs of shape {scores.shape})")
+        scores, truth_csr, sizes = checked_fit_inputs(self, probs, truth, truth_outside)
         n, v = scores.shape
-        sizes = _truth_sizes(truth_csr, truth_outside)
         n_scored = max(int((sizes > 0).sum()), 1)
         self.global_threshold_, _ = tune_global_threshold(scores, truth_csr, truth_outside)
         self.n_positives_ = np.bincount(truth_csr.indices, minlength=v).astype(np.int64)
