@@ -254,13 +254,15 @@ BlockSource = Callable[[slice], np.ndarray]  # rows -> that block of an (n, V) s
 
 
 def _blocks_to_csr(
-    blocks: BlockSource, shape: tuple[int, int], keep: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    blocks: BlockSource | np.ndarray, shape: tuple[int, int], keep: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 ) -> sp.csr_matrix:
-    """Assemble a CSR float32 from blocks of rows, each reduced by `keep` to (rows, cols) of the entries kept."""
+    """Assemble a CSR float32 from blocks of rows (a block source, or an array read by row slices),
+    each reduced by `keep` to (rows, cols) of the entries kept."""
+    source = blocks if callable(blocks) else (lambda rows: blocks[rows])
     n_rows, n_cols = shape
     parts_rows, parts_cols, parts_values = [], [], []
     for start in range(0, n_rows, DENSE_CHUNK_ROWS):
-        block = np.asarray(blocks(slice(start, min(start + DENSE_CHUNK_ROWS, n_rows))), dtype=np.float32)
+        block = np.asarray(source(slice(start, min(start + DENSE_CHUNK_ROWS, n_rows))), dtype=np.float32)
         rows, cols = keep(block)
         parts_rows.append(rows + start)
         parts_cols.append(cols)
@@ -295,13 +297,12 @@ def top_k_csr(blocks: BlockSource | np.ndarray, shape: tuple[int, int], k: int) 
     -------
     scipy.sparse.csr_matrix of shape `shape`, float32, sorted indices
     """
-    source = blocks if callable(blocks) else (lambda rows: blocks[rows])
 
     def keep(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, cols, _ = top_k_dense_rows(block, k)
         return rows, cols
 
-    return _blocks_to_csr(source, shape, keep)
+    return _blocks_to_csr(blocks, shape, keep)
 
 
 def at_least_csr(blocks: BlockSource | np.ndarray, shape: tuple[int, int], floor: float) -> sp.csr_matrix:
@@ -321,10 +322,9 @@ def at_least_csr(blocks: BlockSource | np.ndarray, shape: tuple[int, int], floor
     -------
     scipy.sparse.csr_matrix of shape `shape`, float32, sorted indices
     """
-    source = blocks if callable(blocks) else (lambda rows: blocks[rows])
 
     def keep(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero((block >= floor) & (block > 0))
         return rows.astype(np.int64), cols.astype(np.int64)
 
-    return _blocks_to_csr(source, shape, keep)
+    return _blocks_to_csr(blocks, shape, keep)
