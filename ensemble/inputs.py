@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from conceptclef.ensemble.projection import ProjectedProbabilities
+
+# A category model's (n, V) probabilities: a dense array, or its own columns read on the global ones.
+CategoryProbabilities = np.ndarray | ProjectedProbabilities
+
 
 @dataclass
 class StackingInputs:
@@ -51,7 +56,7 @@ class StackingInputs:
 
     image_ids: list[str]
     global_probs: np.ndarray  # (n, V)
-    category_probs: dict[str, np.ndarray]  # name -> (n, V), NaN where the concept is unknown to it
+    category_probs: dict[str, CategoryProbabilities]  # name -> (n, V), NaN where the concept is unknown to it
     router_probs: np.ndarray  # (n, C), columns in `categories` order
     categories: list[str]
     concept_frequency: np.ndarray  # (V,) training frequency overall
