@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.inputs import CategoryProbabilities, StackingInputs
 
 BLOCK_ROWS = 8192
 
@@ -129,7 +129,7 @@ def make_synthetic_set(
         return mapped
 
     global_probs = model_probs(np.full(n_images, signals.global_signal), None, "global")
-    category_probs = {}
+    category_probs: dict[str, CategoryProbabilities] = {}
     for c, name in enumerate(categories):
         if c in fallback_categories:
             continue
