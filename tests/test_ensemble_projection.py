@@ -112,3 +112,18 @@ def test_stacker_inputs_and_out_of_fold_probabilities_match_the_dense_path(tmp_p
     dense_fit = cross_fit_out_of_fold(dense_inputs, truth, config, seed=1, num_threads=1)
     assert lazy_fit.rounds == dense_fit.rounds
     assert (lazy_fit.oof_probs != dense_fit.oof_probs).nnz == 0
+
+
+def test_synthetic_outputs_on_disk_read_as_the_in_memory_ones(tmp_path: Path) -> None:
+    """benchmarks/postprocess_scale.py --on-disk: category outputs saved over their own concepts
+    and read through the view hold the in-memory set's values (NaN where a model does not know)."""
+    from synthetic_stacking import make_synthetic_set
+
+    in_memory = make_synthetic_set(300, 50, n_categories=3, labels_per_image=4, seed=6)
+    on_disk = make_synthetic_set(300, 50, n_categories=3, labels_per_image=4, seed=6, out_dir=tmp_path)
+    np.testing.assert_array_equal(np.asarray(on_disk.inputs.global_probs), in_memory.inputs.global_probs)
+    for name, probs in in_memory.inputs.category_probs.items():
+        view = on_disk.inputs.category_probs[name]
+        assert isinstance(view, ProjectedProbabilities) and view.probs.shape[1] < 50  # only its own concepts stored
+        np.testing.assert_array_equal(np.asarray(view), probs.astype(np.float32))
+    assert (on_disk.truth != in_memory.truth).nnz == 0
