@@ -34,8 +34,10 @@ class StackingInputs:
     image_ids : list of str, length n_images
     global_probs : numpy.ndarray of shape (n_images, n_concepts), float16 or float32
         The global model's probabilities.
-    category_probs : dict of str to numpy.ndarray of shape (n_images, n_concepts), float
-        Per category model, on every image; NaN where it does not know the concept.
+    category_probs : dict of str to numpy.ndarray or ProjectedProbabilities of shape (n_images, n_concepts), float
+        Per category model, on every image; NaN where it does not know the concept. A
+        `ProjectedProbabilities` reads the model's own columns on the global ones without a
+        dense copy (what the pipeline passes).
     router_probs : numpy.ndarray of shape (n_images, n_categories), float
         Router probabilities, columns in `categories` order.
     categories : list of str, length n_categories
