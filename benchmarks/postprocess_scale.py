@@ -216,9 +216,10 @@ def run_chain(args: argparse.Namespace, on_disk: Path | None) -> None:
     synthetic = timer.run("generate inputs", lambda: make_synthetic_set(
         n, v, n_categories=args.models - 1, labels_per_image=args.per_image, seed=args.seed, out_dir=on_disk), in_chain=False)
     inputs, truth, outside = synthetic.inputs, synthetic.truth, synthetic.truth_outside
-    dense_bytes = inputs.global_probs.nbytes + sum(p.nbytes for p in inputs.category_probs.values())
-    print(f"  model probabilities: {1 + len(inputs.category_probs)} x ({n:,} x {v:,}) "
-          f"{inputs.global_probs.dtype} = {dense_bytes / 1024**3:.2f} GB; kNN nnz {inputs.knn_scores.nnz:,}; "
+    stored = [inputs.global_probs, *(getattr(p, "probs", p) for p in inputs.category_probs.values())]  # on disk: own columns
+    print(f"  model probabilities: {1 + len(inputs.category_probs)} models over {n:,} images, "
+          f"{', '.join(str(p.shape[1]) for p in stored)} columns, {inputs.global_probs.dtype} = "
+          f"{sum(p.nbytes for p in stored) / 1024**3:.2f} GB; kNN nnz {inputs.knn_scores.nnz:,}; "
           f"truth nnz {truth.nnz:,} (+{int(outside.sum()):,} outside the vocabulary)")
 
     print("chain")

@@ -14,7 +14,9 @@ concepts file and `cui_mapping.csv`), then runs, each as its own process:
 and prints one row per stage: wall seconds, CPU seconds (user + system of the stage's process
 tree), peak resident memory of the stage's process (`os.wait4`'s ru_maxrss, which counts the
 pages of memory-mapped files it read) and its peak anonymous memory (/proc polling), and the bytes the
-stage added to the image cache, the feature cache, the run directory and its outputs.
+stage added to the image cache, the feature cache, the run directory and its outputs. Each
+stage's output and its memory over time (polled every 50 ms) are kept in WORK/memory/STAGE.log
+and STAGE.tsv, to find where a peak comes from.
 
     .venv/bin/python benchmarks/scale_2026.py                  # full size (~9 GB of disk for caches)
     .venv/bin/python benchmarks/scale_2026.py --scale 0.25     # a quarter: costs should be ~1/4
@@ -167,11 +169,13 @@ class AnonymousMemoryPeak:
 
     ru_maxrss also counts the pages of memory-mapped files the process has read (model outputs,
     the image cache): page cache the kernel can drop under pressure. RssAnon is what the process
-    cannot give back; the table shows both.
+    cannot give back; the table shows both. Every poll is also kept as (clock time, VmRSS,
+    RssAnon) in `samples`, so a stage's memory can be lined up with its log lines afterwards.
     """
 
     def __init__(self, pid: int, interval_s: float = 0.05) -> None:
         self.pid, self.interval_s, self.peak_bytes = pid, interval_s, 0
+        self.samples: list[tuple[float, int, int]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -180,17 +184,27 @@ class AnonymousMemoryPeak:
         status = Path(f"/proc/{self.pid}/status")
         while not self._done.is_set():
             try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("RssAnon:"):
-                        self.peak_bytes = max(self.peak_bytes, int(line.split()[1]) * 1024)
-            except (OSError, ValueError):
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+                resident, anonymous = (int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "RssAnon"))
+            except (OSError, ValueError, KeyError):
                 return
+            self.samples.append((time.time(), resident, anonymous))
+            self.peak_bytes = max(self.peak_bytes, anonymous)
             self._done.wait(self.interval_s)
 
     def stop(self) -> int:
         self._done.set()
         self._thread.join()
         return self.peak_bytes
+
+    def write(self, path: Path) -> None:
+        """The samples as a TSV: clock time (HH:MM:SS.s, as the stage's log lines), resident and anonymous GB."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["time\tresident_gb\tanonymous_gb"]
+        for clock, resident, anonymous in self.samples:
+            stamp = time.strftime("%H:%M:%S", time.localtime(clock)) + f".{int(clock % 1 * 10)}"
+            lines.append(f"{stamp}\t{resident / 1024**3:.3f}\t{anonymous / 1024**3:.3f}")
+        path.write_text("\n".join(lines) + "\n")
 
 
 def run_stage(name: str, arguments: list[str], work: Path) -> StageResult:
@@ -206,6 +220,8 @@ def run_stage(name: str, arguments: list[str], work: Path) -> StageResult:
         process.returncode = os.waitstatus_to_exitcode(status)
         peak_anonymous = anonymous.stop()
     wall = time.perf_counter() - start
+    anonymous.write(work / "memory" / f"{name}.tsv")  # the stage's memory over time, beside its log
+    (work / "memory" / f"{name}.log").write_text(output)
     if process.returncode != 0:
         sys.stderr.write(output[-4000:])
         raise SystemExit(f"stage {name} failed with exit code {process.returncode}: {' '.join(command)}")

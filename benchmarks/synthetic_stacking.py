@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.inputs import CategoryProbabilities, StackingInputs
+from conceptclef.ensemble.projection import ProjectedProbabilities
 
 BLOCK_ROWS = 8192
 
@@ -63,9 +64,12 @@ def make_synthetic_set(
 ) -> SyntheticSet:
     """Build one image set; `fallback_categories` get no category model (they use the global one).
 
-    With `out_dir`, each model's (n, V) probabilities are written there block by block as .npy
-    files and returned as read-only memory maps, as a run's saved model outputs are read: at
-    2026 scale (116,604 x 2,646) eight float16 models are 4.9 GB, which need not be in memory.
+    With `out_dir`, each model's probabilities are written there block by block as .npy files
+    and returned as read-only memory maps, as a run's saved model outputs are read: the global
+    model's (n, V), each category model's over the concepts it knows only (as a run saves a
+    category model's outputs over its own vocabulary), read on the global columns through
+    `ProjectedProbabilities`; the values are those of the in-memory (n, V) matrices with NaN.
+    At 2026 scale (116,604 x 2,646) eight dense float16 models would be 4.9 GB.
     """
     rng = np.random.default_rng(seed)
     categories = [f"category{c}" for c in range(n_categories)]
@@ -104,10 +108,11 @@ def make_synthetic_set(
 
     def model_probs(signal_per_row: np.ndarray, known: np.ndarray | None, name: str) -> np.ndarray:
         path = None if out_dir is None else Path(out_dir) / f"{name}.npy"
+        stored = np.arange(n_concepts) if known is None or path is None else np.flatnonzero(known)  # columns kept
         out: np.ndarray = (
             np.empty((n_images, n_concepts), dtype=dtype)
             if path is None
-            else np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n_images, n_concepts))
+            else np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n_images, stored.size))
         )
         shared_rng = np.random.default_rng(shared_seed)
         own, common = np.sqrt(1.0 - signals.shared_noise), np.sqrt(signals.shared_noise)
@@ -121,7 +126,7 @@ def make_synthetic_set(
             block = _sigmoid(logit)
             if known is not None:
                 block[:, ~known] = np.nan
-            out[start:stop] = block
+            out[start:stop] = block if stored.size == n_concepts else block[:, stored]
         if path is None:
             return out
         del out  # flushed and unmapped: read back as a run's saved outputs are
@@ -129,13 +134,18 @@ def make_synthetic_set(
         return mapped
 
     global_probs = model_probs(np.full(n_images, signals.global_signal), None, "global")
-    category_probs = {}
+    cuis = np.array([f"C{index:07d}" for index in range(n_concepts)])  # column names, for the on-disk category outputs
+    category_probs: dict[str, CategoryProbabilities] = {}
     for c, name in enumerate(categories):
         if c in fallback_categories:
             continue
         known = (home == c) | (rng.random(n_concepts) < signals.category_vocabulary_share)
         signal = np.where(true_category == c, signals.category_signal, signals.off_category_signal)
-        category_probs[name] = model_probs(signal, known, name)
+        probs = model_probs(signal, known, name)
+        if out_dir is None:
+            category_probs[name] = probs
+        else:  # saved over its own concepts: read on the global columns as the pipeline reads it
+            category_probs[name] = ProjectedProbabilities(probs, cuis[known].tolist(), cuis.tolist())
 
     router_logits = rng.standard_normal((n_images, n_categories)).astype(np.float32)
     right = rng.random(n_images) < signals.router_accuracy

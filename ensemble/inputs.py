@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from conceptclef.ensemble.projection import ProjectedProbabilities
+
+# A category model's (n, V) probabilities: a dense array, or its own columns read on the global ones.
+CategoryProbabilities = np.ndarray | ProjectedProbabilities
+
 
 @dataclass
 class StackingInputs:
@@ -29,8 +34,10 @@ class StackingInputs:
     image_ids : list of str, length n_images
     global_probs : numpy.ndarray of shape (n_images, n_concepts), float16 or float32
         The global model's probabilities.
-    category_probs : dict of str to numpy.ndarray of shape (n_images, n_concepts), float
-        Per category model, on every image; NaN where it does not know the concept.
+    category_probs : dict of str to numpy.ndarray or ProjectedProbabilities of shape (n_images, n_concepts), float
+        Per category model, on every image; NaN where it does not know the concept. A
+        `ProjectedProbabilities` reads the model's own columns on the global ones without a
+        dense copy (what the pipeline passes).
     router_probs : numpy.ndarray of shape (n_images, n_categories), float
         Router probabilities, columns in `categories` order.
     categories : list of str, length n_categories
@@ -51,7 +58,7 @@ class StackingInputs:
 
     image_ids: list[str]
     global_probs: np.ndarray  # (n, V)
-    category_probs: dict[str, np.ndarray]  # name -> (n, V), NaN where the concept is unknown to it
+    category_probs: dict[str, CategoryProbabilities]  # name -> (n, V), NaN where the concept is unknown to it
     router_probs: np.ndarray  # (n, C), columns in `categories` order
     categories: list[str]
     concept_frequency: np.ndarray  # (V,) training frequency overall

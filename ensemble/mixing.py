@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from conceptclef.ensemble.inputs import StackingInputs
+from conceptclef.ensemble.inputs import CategoryProbabilities, StackingInputs
 
 
 def routed_index(router_probs: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def routed_index(router_probs: np.ndarray) -> np.ndarray:
     return np.argmax(np.asarray(router_probs, dtype=np.float32), axis=1).astype(np.int64)
 
 
-def category_source(inputs: StackingInputs, category: str) -> np.ndarray:
+def category_source(inputs: StackingInputs, category: str) -> CategoryProbabilities:
     """The (n, V) matrix that stands for a category: its own model or, after fallback, the global one.
 
     Parameters
@@ -41,7 +41,7 @@ def category_source(inputs: StackingInputs, category: str) -> np.ndarray:
 
     Returns
     -------
-    numpy.ndarray of shape (n_images, n_concepts), float
+    numpy.ndarray or ProjectedProbabilities of shape (n_images, n_concepts), float
         Not a copy.
     """
     return inputs.category_probs.get(category, inputs.global_probs)

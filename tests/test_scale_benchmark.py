@@ -69,3 +69,10 @@ def test_tiny_run_prints_every_stage_and_a_valid_upload(tmp_path: Path) -> None:
     image_cache, features, run, _ = (float(value) for value in rows["train-all"][5].split(" / "))
     assert image_cache > 0 and features > 0 and run > 0  # train-all wrote the caches and the run
     assert (tmp_path / "outputs" / "submission.zip").is_file()  # a few KB here: the table shows 0.0 MB
+    for name in STAGES:  # each stage's log and its memory over time, to line a peak up with the log
+        assert (tmp_path / "memory" / f"{name}.log").is_file()
+        samples = (tmp_path / "memory" / f"{name}.tsv").read_text().splitlines()
+        assert samples[0] == "time\tresident_gb\tanonymous_gb" and len(samples) > 1
+        clock, resident, anonymous = samples[-1].split("\t")
+        assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d", clock) and 0.0 < float(anonymous) <= float(resident)
+    assert "run" in (tmp_path / "memory" / "train-all.log").read_text()

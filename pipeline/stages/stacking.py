@@ -20,8 +20,9 @@ from conceptclef.core.runfiles import atomic_save_arrays, atomic_save_sparse, at
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.decoding import Decider, choose_decision_rule, load_decision, save_decision
 from conceptclef.ensemble.features import feature_names_for
-from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
+from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.knn import NearestNeighbourScorer
+from conceptclef.ensemble.projection import ProjectedProbabilities
 from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
 from conceptclef.pipeline.stages.train_networks import ModelPredictions
 from conceptclef.pipeline.image_sets import ImageSet
@@ -123,8 +124,8 @@ def to_stacking_inputs(
     return StackingInputs(
         image_ids=outputs.image_ids,
         global_probs=outputs.global_probs,
-        category_probs={
-            category: project_to_columns(probs, outputs.category_cuis[category], global_cuis)
+        category_probs={  # read on the global columns as asked: no dense (n, V) copy per category
+            category: ProjectedProbabilities(probs, outputs.category_cuis[category], global_cuis)
             for category, probs in outputs.category_probs.items()
         },
         router_probs=outputs.router_probs,

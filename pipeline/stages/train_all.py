@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from conceptclef.core.config import Config, ConfigError, TrainingConfig
+from conceptclef.core.memory import release_freed_memory
 from conceptclef.core.runfiles import atomic_write_json, read_json
 from conceptclef.data.errors import DataError
 from conceptclef.data.modalities import UNROUTED
@@ -127,6 +128,7 @@ def _train_all_locked(
             raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(names)}")
         # Asked for by name, the ensemble is re-fitted from the saved predictions even when done.
         if "ensemble" not in manifest.finished_stages or (only and "ensemble" in only):
+            release_freed_memory()
             fit_ensemble(layout, config, manifest, train, valid, global_vocabulary)
             manifest.mark_finished("ensemble", layout)
     manifest.save(layout)
@@ -216,6 +218,7 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
 def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path) -> None:
     for job in jobs:
         train_model(job, layout, config, train, valid, data_dir)
+        release_freed_memory()  # one network's freed temporaries must not stay resident under the next
         barrier()
 
 
