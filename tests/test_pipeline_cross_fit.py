@@ -149,3 +149,15 @@ def test_a_network_whose_settings_were_edited_in_the_run_config_is_retrained(dem
     assert json.loads((run_dir / "global" / "settings.json").read_text())["training"]["epochs"] == 3
     assert (run_dir / "router" / "checkpoint.pt").read_bytes() == router_before  # unchanged settings: kept
     assert "ensemble" in json.loads((run_dir / "manifest.json").read_text())["finished_stages"]
+
+
+def test_devices_spread_the_fold_networks_and_give_the_sequential_outputs(run, demo, tmp_path):
+    parallel = tmp_path / "run"
+    train(demo, parallel, *CROSS_FIT, "--devices", "cpu,cpu")
+    for fold in (0, 1):
+        for name in ("router", "global"):
+            expected = map_arrays(run / "folds" / f"fold-{fold}" / name / "valid_predictions.npz")
+            got = map_arrays(parallel / "folds" / f"fold-{fold}" / name / "valid_predictions.npz")
+            assert np.array_equal(got["image_ids"], expected["image_ids"])
+            np.testing.assert_allclose(got["probs"], expected["probs"], rtol=0, atol=1e-4)
+    assert "ensemble" in json.loads((parallel / "manifest.json").read_text())["finished_stages"]
