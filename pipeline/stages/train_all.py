@@ -41,9 +41,8 @@ from conceptclef.pipeline.run.directory import (
 )
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.run.lock import check_run_directory_writable, run_lock
-from conceptclef.pipeline.run.development_folds import fold_rows, fold_seed
 from conceptclef.pipeline.run.networks import Network, Role, development_networks, every_kind_settings, extra_global_name
-from conceptclef.pipeline.stages.cross_fit import cross_fitted, development_fold_numbers, development_set, fit_cross_fitted_ensemble
+from conceptclef.pipeline.stages.cross_fit import cross_fitted, development_set, fit_cross_fitted_ensemble, fold_image_rows
 from conceptclef.pipeline.run.specialist_init import specialist_training
 from conceptclef.pipeline.stages.stacking import fit_ensemble
 from conceptclef.training.runtime import seed_everything
@@ -203,21 +202,19 @@ def _pending_models(
 def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path | None = None) -> None:
     """Train one network into its work directory (and nowhere else).
 
-    `data_dir` is needed only by a network at another image size than the run's (its own image cache).
+    `data_dir` is needed only by a network at another image size than the run's (its own image
+    cache) and by a fold network (the development images' cache). A network records the settings
+    it trained with (`settings.json`), which `Network.stale_reason` compares with the config's.
     """
     network = job.network
     if network.fold is not None:
         if data_dir is None:
             raise ValueError(f"{network.job_name}: a fold network needs the data folder (its image cache)")
         development = development_set(train, valid, config, image_cache_dir(data_dir, config, layout))
-        rows = fold_rows(
-            [str(category) for category in development.categories],
-            development_fold_numbers(config, development),
-            network.fold,
-            config.development.stopping_fraction,
-            fold_seed(config.development.fold_seed, config.seed),
+        rows = fold_image_rows(config, development, network.fold)
+        images = TrainingImages(
+            development.subset(rows.fit), development.subset(rows.stopping), development.subset(rows.held_out), development.subset(rows.training)
         )
-        images = TrainingImages(development.subset(rows.fit), development.subset(rows.stopping), development.subset(rows.held_out), development.subset(rows.training))
     else:
         images = TrainingImages(train, valid, valid, train)
     _train_on(job, network.layout(layout), config, images, data_dir)
