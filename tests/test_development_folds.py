@@ -81,3 +81,14 @@ def test_the_development_section_is_checked():
         apply_overrides(config, ["development.scheme=kfold"])
     with pytest.raises(ConfigError, match="development.folds"):
         apply_overrides(config, ["development.folds=1"])
+
+
+def test_cross_fit_with_an_extra_global_model_at_another_image_size_is_refused_before_any_image_is_read(tmp_path):
+    from cli_helpers import cli_error
+
+    error = cli_error(
+        "train-all", "--data", tmp_path / "no-data", "--out", tmp_path / "run", "--config", TEST_CONFIG,
+        "--set", "development.scheme=cross_fit", "--set", 'extra_global_models=[{name = "big", image_size = 48}]',
+    )
+    assert "extra_global_models.big.image_size = 48" in error and "cross_fit" in error
+    assert not (tmp_path / "run").exists()

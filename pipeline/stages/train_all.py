@@ -68,6 +68,7 @@ def train_all(
     origin = SettingOrigin(config_path, overrides, layout.config_path)
     check_machine(config, origin, _settings_to_check(layout, only, config), check_device=not devices)  # --devices: checked above
     check_run_directory_writable(layout.root)
+    _check_cross_fit(config)
     seed_everything(config.seed)
     cache_dir = image_cache_dir(Path(data_dir), config, layout)
     train, valid = load_training_sets(Path(data_dir), config, cache_dir)
@@ -243,7 +244,7 @@ def _train_on(job: ModelJob, layout: RunLayout, config: Config, images: Training
         return
     assert job.vocabulary is not None
     if network.image_size != config.data.image_size:
-        if network.fold is not None:
+        if network.fold is not None:  # refused before training by _check_cross_fit
             raise ConfigError(f"{network.settings_key}.image_size: cross-fitted networks train at the run's image size only")
         if data_dir is None:
             raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
@@ -345,6 +346,18 @@ def _image_ids_digest(*image_sets: ImageSet) -> str:
         digest.update("\n".join(image_set.image_ids).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _check_cross_fit(config: Config) -> None:
+    """What cross-fitted networks cannot do yet, refused before any image is read."""
+    if not cross_fitted(config):
+        return
+    for extra in config.extra_global_models:
+        if extra.image_size not in (0, config.data.image_size):
+            raise ConfigError(
+                f"extra_global_models.{extra.name}.image_size = {extra.image_size}: with development.scheme = \"cross_fit\" "
+                f"every network trains at data.image_size ({config.data.image_size}); set it to 0"
+            )
 
 
 def _check_valid_categories(train: ImageSet, valid: ImageSet) -> None:
