@@ -86,7 +86,7 @@ def test_a_fold_network_never_saw_its_held_out_images(run):
 def test_predict_evaluate_and_ablation_work_on_a_cross_fitted_run(run, demo, submission, tmp_path):
     invoke("validate", submission, "--images", demo / "test")
     report = json.loads(invoke("evaluate", submission, demo / "test_concepts.csv", "--json"))
-    assert report["n_images"] == 30 and report["f1"] > 0.2
+    assert report["n_images"] == 30 and report["score"] > 0.2
     invoke("ablation", "--run", run, "--images", demo / "test", "--gt", demo / "test_concepts.csv", "--out", tmp_path / "test")
     invoke("ablation", "--run", run, "--out", tmp_path / "validation")
     assert "stacked ensemble" in (tmp_path / "validation" / "ablation.md").read_text()

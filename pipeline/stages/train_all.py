@@ -250,6 +250,7 @@ def _train_on(job: ModelJob, layout: RunLayout, config: Config, images: Training
             raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
         resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size), announce=False)
         train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
+        images = TrainingImages(train, valid, valid, train)  # the split scheme's sets, at its size
     if network.category is None:
         train_concept_model(
             network.work_dir, config, train, job.vocabulary, valid, images.predicted,
