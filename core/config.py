@@ -203,6 +203,24 @@ class EnsembleConfig:
     decision_rule: Literal["auto", "thresholds", "expected_f1"] = "auto"
 
 
+@dataclass(frozen=True)
+class DevelopmentConfig:
+    """How the development images (train + valid) teach the networks and the ensemble.
+
+    "split" (the default): the networks learn from train, the stacker and decision rule from the
+    networks' outputs on valid. "cross_fit": train + valid are split into `folds` folds stratified
+    by category; every network kind trains once per fold on the other folds (a `stopping_fraction`
+    of those images held out for early stopping), so every development image gets out-of-fold
+    probabilities for the stacker and decision rule, and test probabilities average the fold
+    networks of each kind (K times the network training).
+    """
+
+    scheme: Literal["split", "cross_fit"] = "split"
+    folds: int = checked(5, ge=2, le=20, why_above="each fold trains every network once more")
+    fold_seed: int = checked(-1, ge=-1, lt=2**32, why="-1: the run's seed; numpy seeds are unsigned 32-bit")
+    stopping_fraction: float = checked(0.1, gt=0, lt=0.5)  # of each fold's training images, per category, for early stopping
+
+
 # ImageCLEFmedical's modality concepts and the 2020 category names they stand for.
 IMAGECLEF_MODALITY_CUIS: dict[str, list[str]] = {
     "DRAN": ["C0002978"],  # angiogram
@@ -244,6 +262,7 @@ class Config:
     extra_global_models: tuple[ExtraGlobalModel, ...] = ()
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     categories: CategoryConfig = field(default_factory=CategoryConfig)
+    development: DevelopmentConfig = field(default_factory=DevelopmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

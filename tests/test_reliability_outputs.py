@@ -235,6 +235,12 @@ def test_a_moved_weight_file_blocks_only_the_resume_that_must_train_a_network(tr
     moved = tmp_path / "moved.pth"
     config.write_text(text[:section] + text[section:].replace('weights = "none"', f'weights = "{moved}"', 1))
     line = text[: text.index('weights = "none"', section)].count("\n") + 1
+    # A run trained from that file recorded it as the global model's weights (settings.json);
+    # without this, the edit is a settings change and train-all retrains the global model.
+    record = run / "global" / "settings.json"
+    recorded = json.loads(record.read_text())
+    recorded["training"]["weights"] = str(moved)
+    record.write_text(json.dumps(recorded))
     before = {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")}
     invoke("train-all", "--data", trained["data"], "--out", run)  # everything trained: a no-op resume
     assert {name: entry for name, entry in snapshot(run).items() if not name.startswith("cache/")} == before

@@ -108,3 +108,48 @@ def test_sparse_run_files_round_trip_with_the_saved_keys(tmp_path):
     assert "data" not in load_arrays(tmp_path / "truth.npz")
     truth, _ = load_sparse(tmp_path / "truth.npz")
     assert truth.shape == (2, 3) and truth.dtype == np.float32 and truth.toarray().tolist() == [[0, 1, 0], [1, 0, 1]]
+
+
+def test_cross_fitted_runs_hold_the_table_once_per_fold_in_fold_folders(tmp_path):
+    from conceptclef.core.config import DevelopmentConfig
+    from conceptclef.pipeline.run.networks import development_networks
+
+    layout = RunLayout(tmp_path)
+    config = dataclasses.replace(_config(init_from="global"), development=DevelopmentConfig(scheme="cross_fit", folds=3))
+    networks = development_networks(layout, config, ["DRCT", "DRXR"])
+    assert len(networks) == 3 * 5
+    assert [n.fold for n in networks] == [0] * 5 + [1] * 5 + [2] * 5
+    assert networks[6].work_dir == tmp_path / "folds" / "fold-1" / "global"
+    assert networks[8].job_name == "DRCT@fold-1" and networks[8].dependency_jobs == ("global@fold-1",)
+    assert networks[8].description == "the DRCT model of fold 1"
+    assert len({n.job_name for n in networks}) == len(networks)
+    # The split scheme keeps the one table in the run folder.
+    assert [n.work_dir.parent for n in development_networks(layout, _config(), ["DRCT"])] == [tmp_path] * 4
+
+
+def test_fold_jobs_wait_only_for_their_own_folds_global_model(tmp_path):
+    from conceptclef.core.config import DevelopmentConfig
+    from conceptclef.pipeline.run.networks import development_networks
+    from conceptclef.pipeline.stages.train_all import ModelJob, dependency_waves
+
+    config = dataclasses.replace(_config(init_from="global"), extra_global_models=(), development=DevelopmentConfig(scheme="cross_fit", folds=2))
+    jobs = [ModelJob(network, None, 10) for network in development_networks(RunLayout(tmp_path), config, ["DRCT"])]
+    waves = [[job.name for job in wave] for wave in dependency_waves(jobs)]
+    assert waves == [["router@fold-0", "global@fold-0", "router@fold-1", "global@fold-1"], ["DRCT@fold-0", "DRCT@fold-1"]]
+
+
+def test_a_network_records_the_settings_it_trained_with_and_sees_them_change(tmp_path):
+    import json
+
+    from conceptclef.core.runfiles import atomic_write_json
+
+    layout = RunLayout(tmp_path)
+    network = dataclasses.replace(run_networks(layout, Config(), ["DRCT"])[1], model_class=_AlwaysTrained)
+    assert not network.settings_changed()  # trained before the record existed: unchanged
+    atomic_write_json(network.files.settings_record, network.settings_record)
+    assert not network.settings_changed()
+    edited = dataclasses.replace(network, settings=dataclasses.replace(network.settings, learning_rate=0.5))
+    assert edited.settings_changed()
+    assert json.loads(network.files.settings_record.read_text())["training"]["learning_rate"] == network.settings.learning_rate
+    reseeded = dataclasses.replace(network, run_seed=network.run_seed + 1)
+    assert reseeded.settings_changed()

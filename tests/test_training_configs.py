@@ -58,3 +58,10 @@ def test_cpu_finetune_config_differs_from_cpu_only_in_the_fine_tuned_networks():
     assert tuned.data == frozen.data and tuned.ensemble == frozen.ensemble and tuned.router == frozen.router
     assert _uses_the_fine_tuning_recipe(tuned.global_model)
     assert tuned.global_model.backbone == frozen.global_model.backbone and tuned.global_model.weights == frozen.global_model.weights
+
+
+def test_cpu_kfold_config_is_the_cpu_config_with_cross_fitted_networks():
+    plain, kfold = load_config(CONFIGS / "cpu.toml"), load_config(CONFIGS / "cpu-kfold.toml")
+    assert kfold.development.scheme == "cross_fit" and kfold.development.folds == 5
+    assert plain.development.scheme == "split"  # the default keeps the train/valid split
+    assert plain.replace(development=kfold.development) == kfold

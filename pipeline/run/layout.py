@@ -58,6 +58,11 @@ class NetworkFiles:
         """Why a category has no model of its own and uses the global model."""
         return self.folder / "fallback.json"
 
+    @property
+    def settings_record(self) -> Path:
+        """The settings it was trained with (train-all retrains it when RUN/config.toml changes them)."""
+        return self.folder / "settings.json"
+
     def exported_backbone(self, digest: str) -> Path:
         """The global model's backbone, named by its checkpoint's hash, that specialists start from."""
         return self.folder / f"{BACKBONE_PREFIX}{digest[:16]}.pth"
@@ -116,6 +121,22 @@ class RunLayout:
 
     def fallback_path(self, category: str) -> Path:
         return self.files(self.category_dir(category)).fallback_record
+
+    def fold(self, fold: int) -> "RunLayout":
+        """The layout of one fold's networks (`[development] scheme = "cross_fit"`): RUN/folds/fold-<k>/,
+        holding router/, global/, ... and ensemble/knn_index.npz (the fold global model's index)."""
+        return RunLayout(self.root / "folds" / f"fold-{fold}")
+
+    @property
+    def out_of_fold_dir(self) -> Path:
+        """Every fold network's predictions on its held-out fold, gathered per network kind in the
+        development images' order (float16): RUN/out-of-fold/<network>/valid_predictions.npz."""
+        return self.root / "out-of-fold"
+
+    @property
+    def out_of_fold_knn_path(self) -> Path:
+        """The out-of-fold kNN scores of the development images (each from its fold's index)."""
+        return self.out_of_fold_dir / "knn_scores.npz"
 
     @property
     def ensemble_dir(self) -> Path:

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Protocol, Sequence
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, ExtraGlobalModel, TrainingConfig
+from conceptclef.core.runfiles import read_json
 from conceptclef.pipeline.run.layout import NetworkFiles, RunLayout
 from conceptclef.pipeline.run.specialist_init import started_from_current_global, starts_from_global
 from conceptclef.router import router_class_for
+from conceptclef.training.estimator import fingerprinted_settings
 
 __all__ = [
     "EXTRA_GLOBAL_PREFIX",
@@ -32,6 +35,7 @@ __all__ = [
     "NetworkKind",
     "Role",
     "TrainedNetwork",
+    "development_networks",
     "every_kind_settings",
     "extra_global_name",
     "extra_global_training",
@@ -90,10 +94,41 @@ class Network:
     category: str | None = None  # trains on this category's images; None: on every training image
     depends_on: tuple[str, ...] = ()  # networks whose trained weights it starts from
     seed: int | None = None  # seeds its init, shuffling and augmentation; None: the run's seed
+    fold: int | None = None  # cross_fit: trains on the other folds and predicts this one (RUN/folds/fold-<k>/)
+    run_seed: int = 0  # the run's seed (what `seed` None stands for)
 
     @property
     def role(self) -> Role:
         return self.kind.role
+
+    @property
+    def job_name(self) -> str:
+        """Unique across the run: its name, with the fold for a fold network ("global@fold-2")."""
+        return self.name if self.fold is None else f"{self.name}@fold-{self.fold}"
+
+    @property
+    def dependency_jobs(self) -> tuple[str, ...]:
+        """The job names of the networks it depends on (in its own fold)."""
+        return tuple(name if self.fold is None else f"{name}@fold-{self.fold}" for name in self.depends_on)
+
+    def layout(self, run: RunLayout) -> RunLayout:
+        """The layout its paths live in: the run's, or its fold's."""
+        return run if self.fold is None else run.fold(self.fold)
+
+    @property
+    def settings_record(self) -> dict[str, Any]:
+        """What decides how it trains, as recorded in its work folder once trained."""
+        return {
+            "training": fingerprinted_settings(self.settings),
+            "image_size": self.image_size,
+            "seed": self.run_seed if self.seed is None else self.seed,
+        }
+
+    def settings_changed(self) -> bool:
+        """Trained with other settings than the config's now (a network trained before the record
+        existed has none and counts as unchanged)."""
+        path = self.files.settings_record
+        return path.is_file() and read_json(path) != json.loads(json.dumps(self.settings_record))
 
     @property
     def settings_key(self) -> str:
@@ -109,6 +144,8 @@ class Network:
     @property
     def description(self) -> str:
         """How errors name it: "the router", "the global model", "the extra global model global-b", "the DRCT model"."""
+        if self.fold is not None:
+            return f"{dataclasses.replace(self, fold=None).description} of fold {self.fold}"
         if self.role is Role.ROUTER:
             return "the router"
         if self.role is Role.GLOBAL:
@@ -126,8 +163,8 @@ class Network:
         return self.is_trained() and all(getattr(self.files, output).is_file() for output in self.kind.outputs)
 
     def outdated_reason(self, layout: RunLayout) -> str | None:
-        """Why a trained network no longer matches what it depends on (None: it does)."""
-        if "global" in self.depends_on and not started_from_current_global(layout, self.work_dir):
+        """Why a trained network no longer matches what it depends on (None: it does); `layout` is the run's."""
+        if "global" in self.depends_on and not started_from_current_global(self.layout(layout), self.work_dir):
             return "started from an older global model"
         return None
 
@@ -136,15 +173,33 @@ class Network:
         depends on is retrained now (`retraining`) or changed since it was trained."""
         if not self.is_finished():
             return "not trained"
-        retrained = [name for name in self.depends_on if name in retraining]
+        if self.settings_changed():
+            return f"its settings in {RunLayout(layout.root).config_path.name} differ from those it was trained with"
+        retrained = [name for name in self.dependency_jobs if name in retraining]
         if retrained:
             return f"{', '.join(retrained)} is retrained"
         return self.outdated_reason(layout)
 
 
-def run_networks(layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str] = ()) -> list[Network]:
+def development_networks(layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str] = ()) -> list[Network]:
+    """Every network the run trains: `run_networks`, or with `[development] scheme = "cross_fit"`
+    the same table once per fold (fold 0's networks first)."""
+    if config.development.scheme != "cross_fit":
+        return run_networks(layout, config, categories, without_model)
+    return [network for fold in range(config.development.folds) for network in run_networks(layout, config, categories, without_model, fold)]
+
+
+def run_networks(
+    layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str] = (), fold: int | None = None
+) -> list[Network]:
     """The run's networks in training order: router, global, extra global models, then one per
-    category (but those in `without_model`, which use the global model)."""
+    category (but those in `without_model`, which use the global model); with `fold`, that
+    fold's networks (in RUN/folds/fold-<k>/)."""
+    networks = _networks(layout if fold is None else layout.fold(fold), config, categories, without_model)
+    return [dataclasses.replace(network, fold=fold, run_seed=config.seed) for network in networks]
+
+
+def _networks(layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str]) -> list[Network]:
     image_size = config.data.image_size
     networks = [
         Network("router", NETWORK_KINDS[Role.ROUTER], layout.router_dir, router_class_for(list(categories)), config.router, image_size),

@@ -42,7 +42,8 @@ from conceptclef.pipeline.stages.concept_report import concept_report
 from conceptclef.pipeline.run.category_record import categories_from_labels
 from conceptclef.pipeline.image_sets import load_unlabelled_set
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.stages.predict import RunModels, unlabelled_images_at_size
+from conceptclef.pipeline.stages.cross_fit import out_of_fold_confusion
+from conceptclef.pipeline.stages.predict import load_run_models, unlabelled_images_at_size
 from conceptclef.pipeline.stages.reports import write_ablation_report
 from conceptclef.pipeline.run.directory import Manifest, load_run_config, prediction_cache_dir
 from conceptclef.pipeline.run.output_paths import RunInputs
@@ -173,7 +174,8 @@ def run_ablation(
     if (images_dir is None) != (truth_path is None):
         raise RunDirectoryError("ablation: give both --images and --gt, or neither (validation figures)")
     names = _concept_names(manifest, cui_names_path)
-    vocabulary = ConceptVocabulary.load(layout.files(layout.global_dir).vocabulary)
+    global_dir = layout.fold(0).global_dir if config.development.scheme == "cross_fit" else layout.global_dir
+    vocabulary = ConceptVocabulary.load(layout.files(global_dir).vocabulary)
     ensemble = FittedEnsemble.load(layout, config, manifest, vocabulary)
     validation = _validation_outputs(layout, manifest, config)
     if images_dir is None or truth_path is None:  # both or neither: checked above
@@ -189,7 +191,9 @@ def run_ablation(
         vocabulary.cuis, rows[f"stacked ensemble ({ensemble.rule})"], stacked_probs, labelled.truth,
         ensemble.statistics.concept_frequency, names,
     )
-    confusion = _confusion(labelled, manifest) or read_confusion(layout)
+    confusion = _confusion(labelled, manifest) or (
+        out_of_fold_confusion(layout, config.development.folds) if config.development.scheme == "cross_fit" else read_confusion(layout)
+    )
     return write_ablation_report(
         Path(out_dir),
         table,
@@ -278,7 +282,7 @@ def _test_outputs(
         if missing:
             raise RunDirectoryError(f"{truth_path}: no ground truth for {len(missing)} images of {images_dir}, e.g. {missing[:3]}")
         at_size = unlabelled_images_at_size(images_dir, config, cache_dir, image_set)
-        outputs = RunModels.load(layout, manifest, config).predict(image_set, at_size)
+        outputs = load_run_models(layout, manifest, config).predict(image_set, at_size)
     concept_lists = [truth_by_id[image_id] for image_id in image_set.image_ids]
     true_categories = None
     if categories_path is not None:

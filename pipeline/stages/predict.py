@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +37,9 @@ from conceptclef.pipeline.stages.stacking import BaseOutputs, FittedEnsemble, to
 from conceptclef.router import ModalityRouter, SingleCategoryRouter
 from conceptclef.training.feature_registry import feature_store_for
 
+if TYPE_CHECKING:
+    from conceptclef.pipeline.stages.cross_fit import CrossFitModels
+
 log = logging.getLogger("conceptclef")
 
 SUBMISSION_FORMATS = ("2020", "2025")
@@ -52,9 +56,10 @@ class RunModels:
     extra_global_models: dict[str, ConceptModel] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def load(cls, layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels":
-        """Every network of the run's table, each checked to be trained, current and on the run's vocabulary."""
-        networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories)
+    def load(cls, layout: RunLayout, manifest: Manifest, config: Config, fold: int | None = None) -> "RunModels":
+        """Every network of the run's table (of one fold's, for cross-fitted networks), each checked
+        to be trained, current and on the run's vocabulary."""
+        networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories, fold)
         for network in networks:
             if not network.is_trained():
                 raise RunDirectoryError(f"{network.work_dir}: {network.description} is not trained; rerun train-all")
@@ -108,6 +113,16 @@ class RunModels:
             category_cuis={category: list(model.cuis_) for category, model in self.category_models.items()},
             extra_global_probs=extra_probs,
         )
+
+
+def load_run_models(layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels | CrossFitModels":
+    """The networks `predict` runs: the run's table, or with cross-fitted networks every fold's
+    (their outputs averaged)."""
+    if config.development.scheme == "cross_fit":
+        from conceptclef.pipeline.stages.cross_fit import CrossFitModels  # it builds on RunModels
+
+        return CrossFitModels.load(layout, manifest, config)
+    return RunModels.load(layout, manifest, config)
 
 
 def _checked_vocabulary(network: Network, fingerprint: str) -> ConceptVocabulary:
@@ -167,7 +182,7 @@ def predict_submission(
     manifest = Manifest.load(layout)
     config = load_run_config(layout)
     check_device_available(config.device, locate_key(layout.config_path, ("device",)))
-    models = RunModels.load(layout, manifest, config)
+    models = load_run_models(layout, manifest, config)
     ensemble = FittedEnsemble.load(layout, config, manifest, models.vocabulary)
     with prediction_cache_dir(Path(images_dir), config, inputs.data_dir) as cache_dir:
         image_set, bad = load_unlabelled_set(Path(images_dir), config, cache_dir)

@@ -49,6 +49,9 @@ class BaseOutputs:
     category_probs: dict[str, np.ndarray]
     category_cuis: dict[str, list[str]]
     extra_global_probs: dict[str, np.ndarray] = field(default_factory=dict)  # extra global models, global columns
+    # kNN scores already computed (cross-fitted networks: each fold's global model queries its own
+    # index, so the embeddings of several folds never meet one index); None: from global_embeddings
+    knn_scores: sp.csr_matrix | None = None
 
 
 @dataclass
@@ -89,7 +92,12 @@ def load_knn_scorer(path: Path, n_neighbours: int) -> NearestNeighbourScorer:
 
 
 def load_validation_outputs(layout: RunLayout, manifest: Manifest, config: Config) -> BaseOutputs:
-    """The saved predictions on the validation images of every network in the run's table, aligned by image id."""
+    """The saved predictions on the validation images of every network in the run's table, aligned
+    by image id (cross-fitted networks: every development image's out-of-fold predictions)."""
+    if config.development.scheme == "cross_fit":
+        from conceptclef.pipeline.stages.cross_fit import load_out_of_fold_outputs  # it builds on this module
+
+        return load_out_of_fold_outputs(layout, manifest, config)
     networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories)
     saved = {network.name: ModelPredictions.load(network.files.validation_predictions) for network in networks}
     image_ids = saved["global"].image_ids
@@ -118,9 +126,16 @@ def to_stacking_inputs(
     outputs: BaseOutputs,
     vocabulary: ConceptVocabulary,
     statistics: ConceptStatistics,
-    knn: NearestNeighbourScorer,
+    knn: NearestNeighbourScorer | None,
 ) -> StackingInputs:
+    """`knn` scores the global embeddings unless `outputs` carries its kNN scores (then it may be None)."""
     global_cuis = list(vocabulary.cuis)
+    if outputs.knn_scores is not None:
+        knn_scores = outputs.knn_scores
+    elif knn is not None:
+        knn_scores = knn.predict(outputs.global_embeddings)
+    else:
+        raise ValueError("no kNN index for outputs without kNN scores")
     return StackingInputs(
         image_ids=outputs.image_ids,
         global_probs=outputs.global_probs,
@@ -130,7 +145,7 @@ def to_stacking_inputs(
         },
         router_probs=outputs.router_probs,
         categories=outputs.router_categories,
-        knn_scores=knn.predict(outputs.global_embeddings),
+        knn_scores=knn_scores,
         concept_frequency=statistics.concept_frequency,
         category_concept_frequency=statistics.category_concept_frequency,
         extra_global_probs=dict(outputs.extra_global_probs),
@@ -146,7 +161,6 @@ def fit_ensemble(
     vocabulary: ConceptVocabulary,
 ) -> None:
     """Fit the stacker (cross-fitted) and pick and tune the decision rule on validation."""
-    ensemble_dir = layout.ensemble_dir
     statistics = ConceptStatistics.from_training(train, vocabulary, manifest.categories)
     statistics.save(layout.concept_statistics_path)
     embeddings_path = layout.files(layout.global_dir).train_embeddings
@@ -160,7 +174,22 @@ def fit_ensemble(
     by_id = {image_id: index for index, image_id in enumerate(valid.image_ids)}
     if [by_id.get(image_id) for image_id in outputs.image_ids] != list(range(len(valid.image_ids))):
         raise RunDirectoryError(f"{layout.files(layout.global_dir).validation_predictions}: validation images differ from the data's")
-    inputs = to_stacking_inputs(outputs, vocabulary, statistics, knn)
+    fit_stacker_and_rule(layout, config, manifest, outputs, to_stacking_inputs(outputs, vocabulary, statistics, knn), valid, vocabulary, statistics)
+
+
+def fit_stacker_and_rule(
+    layout: RunLayout,
+    config: Config,
+    manifest: Manifest,
+    outputs: BaseOutputs,
+    inputs: StackingInputs,
+    valid: ImageSet,
+    vocabulary: ConceptVocabulary,
+    statistics: ConceptStatistics,
+) -> None:
+    """The stacker (cross-fitted) and the decision rule from the base models' outputs on `valid`
+    (images they never trained on), saved in RUN/ensemble with the truth they were fitted on."""
+    ensemble_dir = layout.ensemble_dir
     truth = valid.labels(vocabulary)
     truth_outside = vocabulary.outside_counts(valid.known_concepts)
     secondary_outside = secondary_outside_counts(valid.known_concepts, vocabulary.cuis)
@@ -257,7 +286,7 @@ class FittedEnsemble:
     decider: Decider
     rule: str
     statistics: ConceptStatistics
-    knn: NearestNeighbourScorer
+    knn: NearestNeighbourScorer | None  # None: cross-fitted networks (each fold has its own index)
 
     @classmethod
     def load(cls, layout: RunLayout, config: Config, manifest: Manifest, vocabulary: ConceptVocabulary) -> "FittedEnsemble":
@@ -282,5 +311,5 @@ class FittedEnsemble:
             decider=decider,
             rule=rule,
             statistics=ConceptStatistics.load(layout.concept_statistics_path),
-            knn=load_knn_scorer(layout.knn_index_path, config.ensemble.knn_neighbours),
+            knn=None if config.development.scheme == "cross_fit" else load_knn_scorer(layout.knn_index_path, config.ensemble.knn_neighbours),
         )

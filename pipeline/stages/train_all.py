@@ -42,7 +42,8 @@ from conceptclef.pipeline.run.directory import (
 )
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.run.lock import check_run_directory_writable, run_lock
-from conceptclef.pipeline.run.networks import Network, Role, every_kind_settings, extra_global_name, run_networks
+from conceptclef.pipeline.run.networks import Network, Role, development_networks, every_kind_settings, extra_global_name
+from conceptclef.pipeline.stages.cross_fit import cross_fitted, development_set, fit_cross_fitted_ensemble, fold_image_rows
 from conceptclef.pipeline.run.specialist_init import specialist_training
 from conceptclef.pipeline.stages.stacking import fit_ensemble
 from conceptclef.training.runtime import seed_everything
@@ -68,6 +69,7 @@ def train_all(
     origin = SettingOrigin(config_path, overrides, layout.config_path)
     check_machine(config, origin, _settings_to_check(layout, only, config), check_device=not devices)  # --devices: checked above
     check_run_directory_writable(layout.root)
+    _check_cross_fit(config)
     seed_everything(config.seed)
     cache_dir = image_cache_dir(Path(data_dir), config, layout)
     train, valid = load_training_sets(Path(data_dir), config, cache_dir)
@@ -94,6 +96,10 @@ def _train_all_locked(
     """train_all once the data are loaded and this process holds the run directory's lock."""
     check_data_unchanged(layout.root, DataFingerprint.of(Path(data_dir), train, valid), resuming=layout.manifest_path.is_file())
     categories = routable_categories(train)
+    # cross_fit: every development image teaches the networks, so the vocabularies and the
+    # categories' model-or-fallback decisions come from train + valid
+    development = development_set(train, valid, config, cache_dir) if cross_fitted(config) else None
+    teaching, deciding = (development, development) if development is not None else (train, valid)
     manifest = _open_manifest(layout, Path(data_dir), categories)
     write_category_record(layout, Path(data_dir), train, valid)
     if fitted_ensemble is not None and fitted_ensemble != config.ensemble and "ensemble" in manifest.finished_stages:
@@ -104,13 +110,13 @@ def _train_all_locked(
     stages = _plan_stages(categories, only, [extra_global_name(extra) for extra in config.extra_global_models])
     log.info("run %s: %d train / %d valid images, categories %s", layout.root, len(train.records), len(valid.records), ", ".join(categories))
 
-    global_vocabulary = ConceptVocabulary.from_concept_lists(train.known_concepts, min_count=config.data.min_concept_count)
+    global_vocabulary = ConceptVocabulary.from_concept_lists(teaching.known_concepts, min_count=config.data.min_concept_count)
     _check_vocabulary(layout, manifest, "global", global_vocabulary)
     manifest.global_vocabulary = global_vocabulary.fingerprint()
 
     # Every manifest and fallback decision is taken here, before any training, so the models can
     # train in any order or at the same time (--devices) while only this process writes the manifest.
-    jobs = _pending_models(layout, manifest, config, stages, categories, train, valid, global_vocabulary)
+    jobs = _pending_models(layout, manifest, config, stages, categories, teaching, deciding, global_vocabulary)
     manifest.save(layout)
     if jobs:
         manifest.forget_finished(["ensemble"], layout)
@@ -124,12 +130,15 @@ def _train_all_locked(
     if "ensemble" in stages and is_main_process():
         missing = _missing_base_models(layout, manifest, config)
         if missing:
-            names = [network.name if reason == "not trained" else f"{network.name} ({reason})" for network, reason in missing]
+            names = [network.job_name if reason == "not trained" else f"{network.job_name} ({reason})" for network, reason in missing]
             raise RunDirectoryError(f"{layout.root}: cannot fit the ensemble before these models are trained: {', '.join(names)}")
         # Asked for by name, the ensemble is re-fitted from the saved predictions even when done.
         if "ensemble" not in manifest.finished_stages or (only and "ensemble" in only):
             release_freed_memory()
-            fit_ensemble(layout, config, manifest, train, valid, global_vocabulary)
+            if development is not None:
+                fit_cross_fitted_ensemble(layout, config, manifest, development, global_vocabulary)
+            else:
+                fit_ensemble(layout, config, manifest, train, valid, global_vocabulary)
             manifest.mark_finished("ensemble", layout)
     manifest.save(layout)
     return manifest
@@ -145,7 +154,7 @@ class ModelJob:
 
     @property
     def name(self) -> str:
-        return self.network.name
+        return self.network.job_name
 
 
 def _pending_models(
@@ -158,30 +167,36 @@ def _pending_models(
     valid: ImageSet,
     global_vocabulary: ConceptVocabulary,
 ) -> list[ModelJob]:
-    """The networks still to train, in the table's order; records category decisions in the manifest."""
-    networks = run_networks(layout, config, categories)
-    by_name = {network.name: network for network in networks}
+    """The networks still to train, in the table's order; records category decisions in the manifest.
+
+    `train` and `valid` decide the vocabularies and which categories get a model (cross_fit: the
+    development set for both)."""
+    networks = development_networks(layout, config, categories)
+    by_name = {network.job_name: network for network in networks}
+    decided: dict[str, ConceptVocabulary | None] = {}
     jobs: list[ModelJob] = []
     for network in networks:
         if network.name not in stages:
             continue
         vocabulary: ConceptVocabulary | None = None if network.role is Role.ROUTER else global_vocabulary
         if network.category is not None:
-            vocabulary = _decide_category(layout, manifest, config, network.category, train, valid)
+            if network.category not in decided:  # once for all folds
+                decided[network.category] = _decide_category(layout, manifest, config, network.category, train, valid)
+            vocabulary = decided[network.category]
             if vocabulary is None:
                 continue  # the category uses the global model
         queued = {job.name for job in jobs}
         reason = network.stale_reason(layout, retraining=queued)
         if reason is None:
             continue
-        for dependency in network.depends_on:
+        for dependency in network.dependency_jobs:
             if dependency not in queued and not by_name[dependency].is_finished():
                 raise RunDirectoryError(
                     f"{by_name[dependency].work_dir}: {network.description} starts from {by_name[dependency].description} "
                     f"(category_model.init_from = \"global\"), which is not trained; add {dependency} to --only"
                 )
         if network.is_finished():
-            log.warning("%s: %s; it is retrained", network.name, reason)
+            log.warning("%s: %s; it is retrained", network.job_name, reason)
         images = len(_members(train, network.category)) if network.category is not None else len(train.records)
         jobs.append(ModelJob(network, vocabulary, images))
     return jobs
@@ -190,29 +205,65 @@ def _pending_models(
 def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path | None = None) -> None:
     """Train one network into its work directory (and nowhere else).
 
-    `data_dir` is needed only by a network at another image size than the run's (its own image cache).
+    `data_dir` is needed only by a network at another image size than the run's (its own image
+    cache) and by a fold network (the development images' cache). A network records the settings
+    it trained with (`settings.json`), which `Network.stale_reason` compares with the config's.
     """
     network = job.network
+    if network.fold is not None:
+        if data_dir is None:
+            raise ValueError(f"{network.job_name}: a fold network needs the data folder (its image cache)")
+        development = development_set(train, valid, config, image_cache_dir(data_dir, config, layout))
+        rows = fold_image_rows(config, development, network.fold)
+        images = TrainingImages(
+            development.subset(rows.fit), development.subset(rows.stopping), development.subset(rows.held_out), development.subset(rows.training)
+        )
+    else:
+        images = TrainingImages(train, valid, valid, train)
+    _train_on(job, network.layout(layout), config, images, data_dir)
+    if is_main_process():
+        atomic_write_json(network.files.settings_record, network.settings_record)
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """The images one network sees: it learns from `fit`, early-stops on `stopping`, saves its
+    predictions on `predicted` (the stacker's inputs) and, the global model, embeds `index` (the
+    kNN index). Split scheme: train, valid, valid, train; a fold network: its fold's fit and
+    stopping rows, its held-out fold, and fit + stopping."""
+
+    fit: ImageSet
+    stopping: ImageSet
+    predicted: ImageSet
+    index: ImageSet
+
+
+def _train_on(job: ModelJob, layout: RunLayout, config: Config, images: TrainingImages, data_dir: Path | None) -> None:
+    network = job.network
+    train, valid = images.fit, images.stopping
     if network.role is Role.ROUTER:
-        train_router(layout, config, train, valid)
+        train_router(layout, config, train, valid, images.predicted)
         return
     assert job.vocabulary is not None
     if network.image_size != config.data.image_size:
+        if network.fold is not None:  # refused before training by _check_cross_fit
+            raise ConfigError(f"{network.settings_key}.image_size: cross-fitted networks train at the run's image size only")
         if data_dir is None:
             raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
         resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size), announce=False)
         train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
+        images = TrainingImages(train, valid, valid, train)  # the split scheme's sets, at its size
     if network.category is None:
         train_concept_model(
-            network.work_dir, config, train, job.vocabulary, valid, valid,
-            train_all_images=train, is_global=network.role is Role.GLOBAL, settings=network.settings, image_size=network.image_size,
+            network.work_dir, config, train, job.vocabulary, valid, images.predicted,
+            train_all_images=images.index, is_global=network.role is Role.GLOBAL, settings=network.settings, image_size=network.image_size,
             seed=network.seed,
         )
         return
     category_train = train.subset(_members(train, network.category))
     category_valid = valid.subset(_members(valid, network.category))
     settings = specialist_training(config, layout, network.work_dir) if network.depends_on else network.settings
-    train_concept_model(network.work_dir, config, category_train, job.vocabulary, category_valid, valid, settings=settings)
+    train_concept_model(network.work_dir, config, category_train, job.vocabulary, category_valid, images.predicted, settings=settings)
 
 
 def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path) -> None:
@@ -258,7 +309,7 @@ def dependency_waves(jobs: Sequence[ModelJob]) -> list[list[ModelJob]]:
     waiting = list(jobs)
     while waiting:
         names = {job.name for job in waiting}
-        ready = [job for job in waiting if not names.intersection(job.network.depends_on)]
+        ready = [job for job in waiting if not names.intersection(job.network.dependency_jobs)]
         if not ready:
             raise ValueError(f"networks depend on each other in a circle: {', '.join(sorted(names))}")
         waves.append(ready)
@@ -299,6 +350,18 @@ def _image_ids_digest(*image_sets: ImageSet) -> str:
         digest.update("\n".join(image_set.image_ids).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _check_cross_fit(config: Config) -> None:
+    """What cross-fitted networks cannot do yet, refused before any image is read."""
+    if not cross_fitted(config):
+        return
+    for extra in config.extra_global_models:
+        if extra.image_size not in (0, config.data.image_size):
+            raise ConfigError(
+                f"extra_global_models.{extra.name}.image_size = {extra.image_size}: with development.scheme = \"cross_fit\" "
+                f"every network trains at data.image_size ({config.data.image_size}); set it to 0"
+            )
 
 
 def _check_valid_categories(train: ImageSet, valid: ImageSet) -> None:
@@ -403,6 +466,6 @@ def _settings_to_check(layout: RunLayout, only: Sequence[str] | None, config: Co
 
 def _missing_base_models(layout: RunLayout, manifest: Manifest, config: Config) -> list[tuple[Network, str]]:
     """The run's networks that are not finished or out of date, each with the reason."""
-    networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories)
+    networks = development_networks(layout, config, manifest.categories, manifest.fallback_categories)
     stale = [(network, network.stale_reason(layout)) for network in networks]
     return [(network, reason) for network, reason in stale if reason is not None]

@@ -56,10 +56,13 @@ class ModelPredictions:
         )
 
 
-def train_router(layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet) -> ModalityRouter | SingleCategoryRouter:
-    """Train the router (nothing to train for a single category) and save its validation probabilities."""
+def train_router(
+    layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, predicted: ImageSet | None = None
+) -> ModalityRouter | SingleCategoryRouter:
+    """Train the router (nothing to train for a single category) and save its probabilities on
+    `predicted` (default: the validation images, which also early-stop it)."""
     work_dir = layout.router_dir
-    all_valid = valid
+    all_valid = valid if predicted is None else predicted
     train, valid = routed_subset(train), routed_subset(valid)  # images without a derived category teach no class
     train_categories, valid_categories = [str(c) for c in train.categories], [str(c) for c in valid.categories]
     single = router_class_for(sorted(set(train_categories))) is SingleCategoryRouter
