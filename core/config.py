@@ -229,6 +229,13 @@ class CategoryConfig:
     # an image naming several categories (PET/CT...) joins this combined category, as the 2020
     # data's DRCO; "" leaves such images out of router and category training like those naming none
     several: str = "DRCO"
+    # the router of flat data: "category" a softmax over the derived categories; "cuis" one sigmoid
+    # per modality CUI, trained on every image naming any, the category read from its outputs
+    # (router.modality_cuis; it denoises labels such as a PET image whose caption names the CT)
+    modality_model: str = checked("category", pattern=r"category|cuis", why="category or cuis")
+    # a single-modality category model of flat data trains on "category": the images of its derived
+    # category; "modality": every image naming its modality (a PET/CT image trains PET and CT models)
+    specialist_images: str = checked("category", pattern=r"category|modality", why="category or modality")
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,7 @@ def render_demo_image(image: DemoImage, rng: np.random.Generator, panel_rng: np.
     left = render_image(image.panel_category or image.category, image.region, set(image.findings), rng, size)
     right = render_image(image.panel.category, image.panel.region, set(image.panel.findings), panel_rng, size)
     half = size // 2
-    panels = [np.asarray(Image.fromarray(pixels, "RGB").resize((width, size), Image.BILINEAR)) for pixels, width in ((left, half), (right, size - half))]
+    panels = [np.asarray(Image.fromarray(pixels, "RGB").resize((width, size), Image.Resampling.BILINEAR)) for pixels, width in ((left, half), (right, size - half))]
     return np.concatenate(panels, axis=1)
 
 

@@ -51,6 +51,17 @@ class ModalityMapping:
     def __bool__(self) -> bool:
         return bool(self.category_of_cui)
 
+    def cuis_by_category(self) -> dict[str, list[str]]:
+        """category -> its modality CUIs (sorted), the inverse of `category_of_cui`."""
+        result: dict[str, list[str]] = {}
+        for cui, category in sorted(self.category_of_cui.items()):
+            result.setdefault(category, []).append(cui)
+        return result
+
+    def names_category(self, cuis: Sequence[str], category: str) -> bool:
+        """Whether the CUIs name `category`'s modality (among others or alone)."""
+        return any(self.category_of_cui.get(cui) == category for cui in cuis)
+
     def category_of(self, cuis: Sequence[str]) -> str:
         """The category an image with these CUIs belongs to (UNROUTED when none applies)."""
         named = {self.category_of_cui[cui] for cui in cuis if cui in self.category_of_cui}

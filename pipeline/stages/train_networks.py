@@ -21,7 +21,10 @@ from conceptclef.pipeline.stages import tta
 from conceptclef.pipeline.image_sets import ImageSet, routed_subset
 from conceptclef.pipeline.devices.ranks import is_main_process
 from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.data.modalities import ModalityMapping
+from conceptclef.pipeline.run.category_record import categories_from_labels
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
+from conceptclef.router.modality_cuis import ModalityCuiRouter
 from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from conceptclef.training.feature_registry import feature_store_for
 
@@ -67,6 +70,16 @@ def train_router(layout: RunLayout, config: Config, train: ImageSet, valid: Imag
     if single:
         router = SingleCategoryRouter().fit(train_categories, valid_categories, work_dir)
         log.info("router: one category (%s); every image goes to it, nothing to train", router.categories_[0])
+    elif config.categories.modality_model == "cuis" and categories_from_labels(layout):
+        mapping = ModalityMapping.from_config(config.categories)
+        cui_router = ModalityCuiRouter(
+            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+        )
+        router = cui_router.fit_cuis(
+            train.images, train.known_concepts, valid.images, valid.known_concepts, mapping.cuis_by_category(),
+            sorted(set(train_categories)), mapping.several, work_dir,
+        )
+        log.info("router: one sigmoid per modality CUI (%s), categories read from them", ", ".join(cui_router.cuis_))
     else:
         modality_router = ModalityRouter(
             config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
