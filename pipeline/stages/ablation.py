@@ -185,6 +185,7 @@ def run_ablation(
         source = f"{images_dir}"
     group_names = labelled.true_categories or router_choice(labelled.outputs)
     table = _score_table(rows, labelled, group_names, list(vocabulary.cuis))
+    secondary_table = secondary_by_group(rows, labelled, group_names, list(vocabulary.cuis))
     per_concept = concept_report(
         vocabulary.cuis, rows[f"stacked ensemble ({ensemble.rule})"], stacked_probs, labelled.truth,
         ensemble.statistics.concept_frequency, names,
@@ -202,6 +203,7 @@ def run_ablation(
         },
         fallback_categories=manifest.fallback_categories,
         per_concept=per_concept,
+        secondary_table=secondary_table,
     )
 
 
@@ -348,6 +350,24 @@ def _score_table(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, grou
         for group in sorted(set(group_names)):
             members = scored & (groups == group)
             record[group] = float(per_image[members].mean()) if members.any() else np.nan
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def secondary_by_group(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, group_names: list[str], cuis: list[str]) -> pd.DataFrame:
+    """Each row's secondary score (modality and X-ray region CUIs) overall and per category: where
+    routing on flat data loses the modality, the category it loses it in (NaN: no image of the
+    category has a secondary CUI)."""
+    groups = np.array(group_names)
+    records = []
+    for name, decisions in rows.items():
+        secondary = per_image_subset_f1_sparse(decisions, labelled.truth, cuis, truth_outside=labelled.secondary_outside)
+        scored = np.isfinite(secondary)
+        record: dict[str, object] = {"system": name, "secondary": float(secondary[scored].mean()) if scored.any() else np.nan,
+                                     "n_images": int(scored.sum())}
+        for group in sorted(set(group_names)):
+            members = scored & (groups == group)
+            record[group] = float(secondary[members].mean()) if members.any() else np.nan
         records.append(record)
     return pd.DataFrame.from_records(records)
 

@@ -115,8 +115,10 @@ def write_ablation_report(
     threshold_curves: dict,
     fallback_categories: list[str],
     per_concept: pd.DataFrame | None = None,
+    secondary_table: pd.DataFrame | None = None,
 ) -> str:
-    """Write ablation.csv, ablation.md, three PNGs and per_concept.csv; return the Markdown text."""
+    """Write ablation.csv, ablation.md, three PNGs, per_concept.csv and ablation_secondary.csv (the
+    secondary score per category); return the Markdown text."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "ablation.csv", "w") as stream:
         table.to_csv(stream, index=False, float_format="%.4f")
@@ -125,6 +127,11 @@ def write_ablation_report(
         header += f"Categories using the global model (too few images, or the only category): {', '.join(fallback_categories)}.\n"
     header += "The secondary column is the 2025/2026 secondary score (15 modality and X-ray region CUIs).\n"
     markdown = header + "\n" + markdown_table(table)
+    if secondary_table is not None:
+        with atomic_output(out_dir / "ablation_secondary.csv", "w") as stream:
+            secondary_table.to_csv(stream, index=False, float_format="%.4f")
+        markdown += (f"\nSecondary score per category (grouped by {grouped_by}; n_images: images whose truth has a secondary CUI"
+                     "):\n\n" + markdown_table(secondary_table))
     if per_concept is not None:
         with atomic_output(out_dir / "per_concept.csv", "w") as stream:
             per_concept.to_csv(stream, index=False, float_format="%.4f")

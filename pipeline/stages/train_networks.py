@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, TrainingConfig
-from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, map_arrays, read_json
+from conceptclef.core.runfiles import atomic_output, atomic_save_arrays, atomic_write_json, map_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.stages.reports import plot_confusion
 from conceptclef.pipeline.image_sets import ImageSet, routed_subset
 from conceptclef.pipeline.devices.ranks import is_main_process
 from conceptclef.pipeline.run.layout import RunLayout
@@ -114,9 +116,29 @@ def _write_baseline(work_dir: Path, metric: str, model_score: float, baseline: s
 
 
 def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarray) -> None:
+    """confusion.json (read back by the ablation), confusion.csv and confusion.png beside it, and
+    the validation accuracy of each category in the log: where routing goes wrong, not only how often."""
+    matrix = np.asarray(confusion, dtype=np.int64)
+    per_category = category_accuracies(categories, matrix)
+    if per_category:
+        log.info("router: validation accuracy per category: %s", ", ".join(
+            f"{category} {accuracy:.3f} ({int(matrix[i].sum())})" for i, (category, accuracy) in enumerate(per_category.items())
+        ))
     if not is_main_process():
         return
-    atomic_write_json(RunLayout.files(work_dir).confusion, {"categories": list(categories), "matrix": np.asarray(confusion).tolist()})
+    files = RunLayout.files(work_dir)
+    atomic_write_json(files.confusion, {"categories": list(categories), "matrix": matrix.tolist()})
+    frame = pd.DataFrame(matrix, index=pd.Index(list(categories), name="true category"), columns=list(categories))
+    frame["accuracy"] = [per_category.get(category, np.nan) for category in categories]
+    with atomic_output(files.confusion.with_suffix(".csv"), "w") as stream:
+        frame.to_csv(stream, float_format="%.4f")
+    plot_confusion(list(categories), matrix, files.confusion.with_suffix(".png"))
+
+
+def category_accuracies(categories: list[str], matrix: np.ndarray) -> dict[str, float]:
+    """Share of each true category's validation images routed to it (NaN: none in validation)."""
+    totals = matrix.sum(axis=1)
+    return {category: float(matrix[i, i] / totals[i]) if totals[i] else float("nan") for i, category in enumerate(categories)}
 
 
 def read_confusion(layout: RunLayout) -> tuple[list[str], np.ndarray]:
