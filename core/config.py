@@ -201,6 +201,10 @@ class EnsembleConfig:
     min_labels: int = checked(1, ge=0, le_key="max_labels")
     max_labels: int = checked(100, ge=1, le=100, why="the official checker allows 1 to 100 concepts per image")
     decision_rule: Literal["auto", "thresholds", "expected_f1"] = "auto"
+    # stacker features from the router ([categories] modality CUIs): for a candidate that is a
+    # modality CUI, the probability that the image is of that modality alone, that it names it
+    # (alone or combined) and its rank among the modalities (ensemble.modality)
+    modality_features: bool = False
 
 
 # ImageCLEFmedical's modality concepts and the 2020 category names they stand for.

@@ -19,7 +19,9 @@ from conceptclef.core.config import Config
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_save_sparse, atomic_write_json, load_arrays, load_sparse, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.decoding import Decider, choose_decision_rule, load_decision, save_decision
+from conceptclef.data.modalities import ModalityMapping
 from conceptclef.ensemble.features import feature_names_for
+from conceptclef.ensemble.modality import modality_columns
 from conceptclef.ensemble.inputs import StackingInputs, project_to_columns
 from conceptclef.ensemble.knn import NearestNeighbourScorer
 from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
@@ -56,9 +58,13 @@ class ConceptStatistics:
 
     concept_frequency: np.ndarray
     category_concept_frequency: np.ndarray
+    modality_category: np.ndarray | None = None  # (V,) router category of each modality CUI, -1 otherwise (ensemble.modality_features)
+    several_position: int = -1
 
     @classmethod
-    def from_training(cls, train: ImageSet, vocabulary: ConceptVocabulary, categories: list[str]) -> "ConceptStatistics":
+    def from_training(
+        cls, train: ImageSet, vocabulary: ConceptVocabulary, categories: list[str], mapping: ModalityMapping | None = None
+    ) -> "ConceptStatistics":
         labels = train.labels(vocabulary).tocsr()
         names = np.array([str(category) for category in train.categories])
         overall = np.asarray(labels.sum(axis=0)).ravel() / max(labels.shape[0], 1)
@@ -67,15 +73,28 @@ class ConceptStatistics:
             members = np.flatnonzero(names == category)
             if len(members):
                 per_category[row] = np.asarray(labels[members].sum(axis=0)).ravel() / len(members)
-        return cls(overall.astype(np.float32), per_category)
+        if mapping is None:
+            return cls(overall.astype(np.float32), per_category)
+        modality = modality_columns(list(vocabulary.cuis), mapping.category_of_cui, categories)
+        several = categories.index(mapping.several) if mapping.several in categories else -1
+        return cls(overall.astype(np.float32), per_category, modality, several)
 
     def save(self, path: Path) -> None:
-        atomic_save_arrays(path, concept_frequency=self.concept_frequency, category_concept_frequency=self.category_concept_frequency)
+        modality = {} if self.modality_category is None else {
+            "modality_category": self.modality_category, "several_position": np.array([self.several_position])
+        }
+        atomic_save_arrays(
+            path, concept_frequency=self.concept_frequency, category_concept_frequency=self.category_concept_frequency, **modality
+        )
 
     @classmethod
     def load(cls, path: Path) -> "ConceptStatistics":
         arrays = load_arrays(path)
-        return cls(arrays["concept_frequency"], arrays["category_concept_frequency"])
+        if "modality_category" not in arrays:
+            return cls(arrays["concept_frequency"], arrays["category_concept_frequency"])
+        return cls(
+            arrays["concept_frequency"], arrays["category_concept_frequency"], arrays["modality_category"], int(arrays["several_position"][0])
+        )
 
 
 def save_knn_index(path: Path, embeddings: np.ndarray, labels: sp.csr_matrix) -> None:
@@ -133,6 +152,8 @@ def to_stacking_inputs(
         concept_frequency=statistics.concept_frequency,
         category_concept_frequency=statistics.category_concept_frequency,
         extra_global_probs=dict(outputs.extra_global_probs),
+        modality_category=statistics.modality_category,
+        several_position=statistics.several_position,
     )
 
 
@@ -146,7 +167,8 @@ def fit_ensemble(
 ) -> None:
     """Fit the stacker (cross-fitted) and pick and tune the decision rule on validation."""
     ensemble_dir = layout.ensemble_dir
-    statistics = ConceptStatistics.from_training(train, vocabulary, manifest.categories)
+    mapping = ModalityMapping.from_config(config.categories) if config.ensemble.modality_features else None
+    statistics = ConceptStatistics.from_training(train, vocabulary, manifest.categories, mapping)
     statistics.save(layout.concept_statistics_path)
     embeddings_path = layout.files(layout.global_dir).train_embeddings
     train_embeddings = ModelPredictions.load(embeddings_path)
@@ -271,7 +293,8 @@ class FittedEnsemble:
             )
         rule, decider = load_decision(ensemble_dir)
         stacker = ConceptStacker.load(ensemble_dir)
-        if stacker.feature_names_ != feature_names_for(manifest.categories, [extra.name for extra in config.extra_global_models]):
+        expected = feature_names_for(manifest.categories, [extra.name for extra in config.extra_global_models], config.ensemble.modality_features)
+        if stacker.feature_names_ != expected:
             raise RunDirectoryError(
                 f"{ensemble_dir / 'stacker.json'}: the stacker was fitted by another version of conceptclef "
                 "(different features); rerun `train-all --only ensemble` to re-fit it from the saved predictions"
