@@ -205,6 +205,9 @@ class EnsembleConfig:
     # modality CUI, the probability that the image is of that modality alone, that it names it
     # (alone or combined) and its rank among the modalities (ensemble.modality)
     modality_features: bool = False
+    # one modality per label set unless the router says combined (ensemble.modality.one_modality):
+    # "auto" applies it when it raises the out-of-fold F1 on validation, "on" always, "off" never
+    modality_rule: Literal["auto", "on", "off"] = "off"
 
 
 # ImageCLEFmedical's modality concepts and the 2020 category names they stand for.

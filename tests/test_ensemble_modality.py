@@ -77,3 +77,28 @@ def test_concept_statistics_keep_the_modality_columns(tmp_path) -> None:
     loaded = ConceptStatistics.load(tmp_path / "modality.npz")
     np.testing.assert_array_equal(loaded.modality_category, [-1, 2, 1, 3, -1])
     assert loaded.several_position == 0
+
+
+def test_one_modality_keeps_the_most_probable_unless_combined() -> None:
+    import scipy.sparse as sp
+
+    from conceptclef.ensemble.modality import modality_count_errors, modality_rule_gain, one_modality
+
+    modality = modality_columns(CUIS, CATEGORY_OF, CATEGORIES)  # PET col 1 (DRPE), CT col 2 (DRCT), XR col 3 (DRXR)
+    decisions = sp.csr_matrix(np.array([
+        [1, 1, 1, 0, 0],  # PET and CT, router says PET: keep the more probable (PET)
+        [1, 1, 1, 0, 0],  # PET and CT, router says combined: both stay
+        [1, 0, 0, 0, 0],  # no modality, router sure of XR: XR added
+        [1, 0, 0, 0, 0],  # no modality, router unsure: nothing added
+    ], dtype=bool))
+    probs = sp.csr_matrix(np.array([[0.9, 0.8, 0.6, 0.1, 0.0]] * 4, dtype=np.float32))
+    router = np.array([[0.1, 0.2, 0.6, 0.1], [0.7, 0.1, 0.1, 0.1], [0.0, 0.1, 0.1, 0.8], [0.1, 0.3, 0.3, 0.3]], dtype=np.float32)
+    result = one_modality(decisions, probs, router, modality, several_position=0).toarray()
+    np.testing.assert_array_equal(result, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 0]])
+    truth = sp.csr_matrix(np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [0, 0, 1, 0, 0]], dtype=bool))
+    assert modality_count_errors(decisions, truth, modality) == {
+        "truth_one": 3, "predicted_none": 2, "predicted_several": 1, "predicted_other": 0
+    }
+    assert modality_count_errors(result, truth, modality)["predicted_none"] == 1
+    gain, error = modality_rule_gain(decisions, sp.csr_matrix(result), truth, np.zeros(4, dtype=np.int64))
+    assert gain > 0 and error >= 0

@@ -7,15 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from cli_helpers import invoke, train
+from conceptclef.core.runfiles import load_sparse
+from conceptclef.pipeline.run.output_paths import probabilities_path_for
 from conceptclef.router import ModalityRouter
 from conceptclef.router.modality_cuis import ModalityCuiRouter
 
-MODALITY = ("--set", 'categories.modality_model="cuis"', "--set", 'categories.specialist_images="modality"')
+MODALITY = ("--set", 'categories.modality_model="cuis"', "--set", 'categories.specialist_images="modality"',
+            "--set", "ensemble.modality_features=true", "--set", 'ensemble.modality_rule="on"')
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,22 @@ def test_modality_router_and_reports_on_realistic_flat_data(realistic_flat: Path
     if "DRPE" in manifest["categories"] and "DRPE" not in manifest["fallback_categories"]:
         names_pet = sum("C0032743" in line for line in (realistic_flat / "train_concepts.csv").read_text().splitlines())
         assert names_pet > record["images"]["train"]["DRPE"]
+
+    # the stacker saw the modality features; validation counted label sets naming no modality or several
+    assert json.loads((run / "ensemble" / "stacker.json").read_text())["feature_names"][-3:] == [
+        "modality_alone_prob", "modality_named_prob", "modality_rank"]
+    record = json.loads((run / "ensemble" / "ensemble.json").read_text())
+    assert record["modality_rule"] == "on" and record["modality"]["errors_without"]["truth_one"] > 0
+    assert "the one-modality rule changes F1" in caplog.text
+    submission = tmp_path / "submission.csv"
+    invoke("predict", "--run", run, "--images", realistic_flat / "test", "--out", submission, "--format", "2025")
+    _, saved = load_sparse(probabilities_path_for(submission))
+    routed = dict(zip(saved["image_ids"], saved["router_categories"][np.argmax(saved["router_probs"], axis=1)]))
+    predicted = pd.read_csv(submission)
+    modality_cuis = {"C0002978", "C0040405", "C0024485", "C0032743", "C0041618", "C1306645"}
+    for image_id, cuis in zip(predicted.iloc[:, 0], predicted.iloc[:, 1].fillna("")):
+        if routed[image_id] != "DRCO":  # one modality unless the router calls the image combined
+            assert len(modality_cuis.intersection(str(cuis).split(";"))) <= 1, (image_id, cuis)
 
     output = invoke("ablation", "--run", run, "--images", realistic_flat / "test", "--gt", realistic_flat / "test_concepts.csv",
                     "--categories", realistic_flat / "test_categories.csv", "--out", tmp_path / "report")

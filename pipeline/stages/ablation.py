@@ -30,6 +30,7 @@ from conceptclef.data.concepts import read_category_file, read_concept_file
 from conceptclef.data.concepts import read_cui_names
 from conceptclef.data.modalities import ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.modality import one_modality
 from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.ensemble.decoding import make_decider
 from conceptclef.ensemble.folds import fold_splits, image_folds
@@ -248,9 +249,10 @@ def _validation_rows(
         rows["per-category, oracle routing + tuned thresholds"] = cross_fitted_threshold_decisions(oracle, truth, outside, config)
     rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(averaged_probs(inputs), truth, outside, config)
     _, oof = load_oof_probabilities(layout)
-    rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
-        _cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule), oof, frequency
-    )
+    stacked = at_least_one_concept(_cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule), oof, frequency)
+    if ensemble.modality is not None:  # the one-modality rule, as predict applies it
+        stacked = one_modality(stacked, oof, outputs.router_probs, ensemble.modality.category, ensemble.modality.several_position)
+    rows[f"stacked ensemble ({ensemble.rule})"] = stacked
     return rows, labelled, oof
 
 
@@ -328,9 +330,7 @@ def _test_rows(
     rows["average(global, routed) + tuned thresholds"] = tuned(averaged_probs(valid_inputs), averaged_probs(inputs))
     stacked = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
     # Topped up to one concept per image exactly as predict writes the submission.
-    rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
-        ensemble.decider.predict(stacked), stacked, ensemble.statistics.concept_frequency
-    )
+    rows[f"stacked ensemble ({ensemble.rule})"] = ensemble.decide(stacked, outputs.router_probs)
     return rows, stacked
 
 
