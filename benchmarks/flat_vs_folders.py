@@ -8,6 +8,7 @@ Markdown table and writes OUT/summary.json.
 
     .venv/bin/python benchmarks/flat_vs_folders.py OUT [--seed 1 --train 1400 --valid 700 --test 1000]
         [--config configs/cpu.toml] [--set key=value ...] [--fold-seeds 1 2] [--layouts flat2025]
+        [--ensemble-variant 'modality_features=true,modality_rule="auto"' ...]
 
 Run it through /work/wt/slot on a shared machine: it trains two runs.
 """
@@ -68,7 +69,22 @@ def measure_layout(out: Path, layout: str, args: argparse.Namespace) -> dict:
            for name, system in ROWS.items() if table["system"].str.startswith(system).any()},
         "stacked_by_category": {column: stacked[column] for column in table.columns if re.fullmatch(r"DR[A-Z]{2}", column)},
         "fold_seeds": {},
+        "out_of_fold": json.loads((run_dir / "ensemble" / "ensemble.json").read_text())["validation_scores"],
+        "modality": json.loads((run_dir / "ensemble" / "ensemble.json").read_text()).get("modality"),
     }
+    for variant in args.ensemble_variant:  # the same networks, the ensemble re-fitted with other [ensemble] settings
+        copy = out / layout / "run-variant"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ensemble"))
+        settings = [item for pair in variant.split(",") for item in ("--set", f"ensemble.{pair.strip()}")]
+        run("train-all", "--data", data, "--out", copy, "--only", "ensemble", *settings)
+        refit = row(ablation_table(copy, data, out / layout / f"ablation-{len(result.setdefault('variants', {}))}"), "stacked ensemble")
+        ensemble = json.loads((copy / "ensemble" / "ensemble.json").read_text())
+        result["variants"][variant] = {
+            "primary": refit["overall"], "secondary": refit["secondary"],
+            "out_of_fold": ensemble["validation_scores"], "modality": ensemble.get("modality"),
+        }
+        shutil.rmtree(copy)
     for fold_seed in args.fold_seeds:  # the same networks, the ensemble cross-fitted on other folds
         copy = out / layout / f"run-fold{fold_seed}"
         shutil.rmtree(copy, ignore_errors=True)
@@ -99,6 +115,13 @@ def markdown(results: dict[str, dict]) -> str:
         add(f"global + tuned {score}", [f"{results[n]['global'][score]:.4f}" for n in layouts])
         add(f"routed {score}", [f"{results[n]['routed'][score]:.4f}" for n in layouts])
         add(f"oracle routing {score}", [f"{results[n].get('oracle', {}).get(score, float('nan')):.4f}" for n in layouts])
+    variants = sorted({name for result in results.values() for name in result.get("variants", {})})
+    for variant in variants:
+        for score in ("primary", "secondary"):
+            add(f"stacked test {score}, ensemble {variant}",
+                [f"{results[n]['variants'][variant][score]:.4f}" if variant in results[n].get("variants", {}) else "" for n in layouts])
+    add("out-of-fold validation primary / secondary",
+        [f"{results[n]['out_of_fold']['primary_f1']:.4f} / {results[n]['out_of_fold']['secondary_f1']:.4f}" for n in layouts])
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +136,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override for train-all (repeatable)")
     parser.add_argument("--fold-seeds", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--layouts", nargs="*", default=["folders2020", "flat2025"])
+    parser.add_argument("--ensemble-variant", action="append", default=[],
+                        help='[ensemble] settings to re-fit the ensemble with, comma-separated, e.g. "modality_features=true" (repeatable)')
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {layout: measure_layout(args.out, layout, args) for layout in args.layouts}
