@@ -70,6 +70,8 @@ def test_modality_router_and_reports_on_realistic_flat_data(realistic_flat: Path
     output = invoke("ablation", "--run", run, "--images", realistic_flat / "test", "--gt", realistic_flat / "test_concepts.csv",
                     "--categories", realistic_flat / "test_categories.csv", "--out", tmp_path / "report")
     assert "Secondary score per category" in output and "oracle routing" in output
+    tested = pd.read_csv(tmp_path / "report" / "router_confusion.csv", index_col=0)
+    assert list(tested.columns)[-1] == "accuracy" and tested.drop(columns="accuracy").to_numpy().sum() == 30
     secondary = pd.read_csv(tmp_path / "report" / "ablation_secondary.csv")
     categories = sorted(set(pd.read_csv(realistic_flat / "test_categories.csv")["CATEGORY"]))
     assert list(secondary.columns) == ["system", "secondary", "n_images", *categories]

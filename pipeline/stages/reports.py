@@ -74,6 +74,16 @@ def plot_confusion(categories: list[str], matrix: np.ndarray, path: Path) -> Non
     _save_figure(figure, path)
 
 
+def write_confusion_csv(categories: list[str], matrix: np.ndarray, path: Path) -> None:
+    """The router's confusion matrix (rows: true category, columns: routed to) with each row's accuracy."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    frame = pd.DataFrame(matrix, index=pd.Index(list(categories), name="true category"), columns=list(categories))
+    totals = matrix.sum(axis=1)
+    frame["accuracy"] = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+    with atomic_output(path, "w") as stream:
+        frame.to_csv(stream, float_format="%.4f")
+
+
 def threshold_curve(probs: np.ndarray | sp.spmatrix, truth: sp.spmatrix, outside: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Official F1 when one global threshold is applied to every concept.
 
@@ -139,5 +149,6 @@ def write_ablation_report(
     atomic_write_text(out_dir / "ablation.md", markdown)
     plot_category_bars(table, out_dir / "per_category_f1.png", grouped_by)
     plot_confusion(confusion[0], confusion[1], out_dir / "router_confusion.png")
+    write_confusion_csv(confusion[0], confusion[1], out_dir / "router_confusion.csv")
     plot_threshold_curves(threshold_curves, out_dir / "threshold_vs_f1.png")
     return markdown

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config, TrainingConfig
-from conceptclef.core.runfiles import atomic_output, atomic_save_arrays, atomic_write_json, map_arrays, read_json
+from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, map_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.stages import tta
-from conceptclef.pipeline.stages.reports import plot_confusion
+from conceptclef.pipeline.stages.reports import plot_confusion, write_confusion_csv
 from conceptclef.pipeline.image_sets import ImageSet, routed_subset
 from conceptclef.pipeline.devices.ranks import is_main_process
 from conceptclef.pipeline.run.layout import RunLayout
@@ -128,10 +127,7 @@ def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarra
         return
     files = RunLayout.files(work_dir)
     atomic_write_json(files.confusion, {"categories": list(categories), "matrix": matrix.tolist()})
-    frame = pd.DataFrame(matrix, index=pd.Index(list(categories), name="true category"), columns=list(categories))
-    frame["accuracy"] = [per_category.get(category, np.nan) for category in categories]
-    with atomic_output(files.confusion.with_suffix(".csv"), "w") as stream:
-        frame.to_csv(stream, float_format="%.4f")
+    write_confusion_csv(list(categories), matrix, files.confusion.with_suffix(".csv"))
     plot_confusion(list(categories), matrix, files.confusion.with_suffix(".png"))
 
 
