@@ -236,6 +236,10 @@ class CategoryConfig:
     # an image naming several categories (PET/CT...) joins this combined category, as the 2020
     # data's DRCO; "" leaves such images out of router and category training like those naming none
     several: str = "DRCO"
+    # categories that win over the others when an image names several, first listed first: with
+    # ["DRPE"] a PET image whose caption also names the CT is DRPE, not `several` (fused PET/CT
+    # images then go to DRPE too); [] (default): every image naming several goes to `several`
+    priority: list[str] = field(default_factory=list)
     # the router of flat data: "category" a softmax over the derived categories; "cuis" one sigmoid
     # per modality CUI, trained on every image naming any, the category read from its outputs
     # (router.modality_cuis; it denoises labels such as a PET image whose caption names the CT)
@@ -462,6 +466,10 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: _Origin) -> An
         return value
     if kind is dict:
         return _coerce_table_of_string_lists(hint, value, where, dotted)
+    if kind is list and typing.get_args(hint) == (str,):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where}: {dotted} must be an array of strings, got {value!r}")
+        return list(value)
     if kind is tuple:
         item_hint = typing.get_args(hint)[0]
         if not isinstance(value, (list, tuple)):

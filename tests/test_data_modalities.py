@@ -110,3 +110,16 @@ def test_specialists_on_every_image_naming_their_modality():
     assert list(_members(images, "DRCT")) == [0] and list(_members(images, "DRCT", by_modality)) == [0, 1]
     assert list(_members(images, "DRPE", by_modality)) == [1, 2]
     assert list(_members(images, "DRCO", by_modality)) == list(_members(images, "DRCO")) == [1]
+
+
+def test_priority_decides_images_naming_several_modalities():
+    prefer_pet = mapping(priority=["DRPE"])
+    assert prefer_pet.category_of([PET, CT]) == "DRPE" and prefer_pet.category_of([CT, MR]) == "DRCO"
+    assert mapping().category_of([PET, CT]) == "DRCO"
+    with pytest.raises(ConfigError, match="priority names 'DRZZ'"):
+        mapping(priority=["DRZZ"])
+    from conceptclef.core.config import apply_overrides
+
+    assert apply_overrides(load_config(None), ['categories.priority=["DRPE"]']).categories.priority == ["DRPE"]
+    with pytest.raises(ConfigError, match="categories.priority must be an array of strings"):
+        apply_overrides(load_config(None), ["categories.priority=[1]"])
