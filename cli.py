@@ -64,11 +64,28 @@ def make_demo(
         help="folders2020 (category folders, 2020 TSV), flat2025 (flat folders, ID,CUIs files) or "
         "flat2026 (flat, one concepts file for train and valid, cui_mapping.csv).",
     ),
+    realistic: Optional[bool] = typer.Option(
+        None,
+        "--realistic/--plain",
+        help="Realistic labels (fused PET/CT, images without modality CUI, two-modality composites) or the "
+        "plain story. Default: realistic for the flat layouts, plain for folders2020; give --realistic with "
+        "folders2020 to get the flat layouts' images in category folders.",
+    ),
+    fused_share: Optional[float] = typer.Option(None, help="Share of PET images also labelled CT (realistic: 0.5)."),
+    no_modality_share: Optional[float] = typer.Option(None, help="Share of images without modality CUI (realistic: 0.1)."),
+    composite_share: Optional[float] = typer.Option(None, help="Share of two-modality composite figures, filed DRCO (realistic: 0.08)."),
 ) -> None:
-    """Write a synthetic radiology-like dataset (same images in every --layout for the same seed)."""
-    from conceptclef.data.demo import make_demo_dataset
+    """Write a synthetic radiology-like dataset (same images in every --layout for the same seed and shares)."""
+    import dataclasses
 
-    summary = make_demo_dataset(out, n_train=train, n_valid=valid, n_test=test, seed=seed, image_size=image_size, layout=layout)
+    from conceptclef.data.demo import DemoShares, make_demo_dataset
+
+    shares = DemoShares.for_layout(layout) if realistic is None else (DemoShares.realistic() if realistic else DemoShares())
+    given = {"fused_pet_ct": fused_share, "no_modality": no_modality_share, "composite": composite_share}
+    shares = dataclasses.replace(shares, **{name: value for name, value in given.items() if value is not None})
+    summary = make_demo_dataset(
+        out, n_train=train, n_valid=valid, n_test=test, seed=seed, image_size=image_size, layout=layout, shares=shares
+    )
     typer.echo(json.dumps(summary, indent=2))
 
 

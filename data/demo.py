@@ -20,6 +20,19 @@ Generative story, per image (all draws from one numpy Generator seeded by `seed`
 
 Visual styles per modality are described in data.demo_render. Routing therefore matters: the
 same finding looks different per modality, and most concepts are specific to one or two.
+
+Realistic labels (`DemoShares`, the default of the flat layouts): ROCOv2's concept lists hold
+what was extracted from captions beside the hand-curated modality, so deriving categories from
+labels meets three things the plain story lacks:
+
+- fused PET/CT: a share of the PET images (category DRPE, rendered as PET) also lists CT;
+- no modality: a share of all images lists no modality CUI (combined modalities, nothing named);
+- composite figures: a share of the images shows two panels of two modalities (category DRCO,
+  as the 2020 data filed multi-panel figures) and lists both panels' concepts.
+
+These draws come from a second generator (seeded by `seed` too), so with every share at 0 the
+images and labels are byte for byte those of the plain story, and any layout given the same
+shares holds the same images.
 """
 
 from __future__ import annotations
@@ -112,12 +125,53 @@ DEMO_MARKER = "demo.json"
 
 
 @dataclass(frozen=True)
+class DemoPanel:
+    """The second panel of a composite figure: its own modality, region and findings."""
+
+    category: str
+    region: str
+    findings: frozenset[str]
+
+
+@dataclass(frozen=True)
 class DemoImage:
     image_id: str
     category: str
     region: str
     findings: frozenset[str]
     cuis: tuple[str, ...]
+    panel: DemoPanel | None = None  # composite figure: the right-hand panel (the left one is category/region/findings)
+    panel_category: str | None = None  # composite figure: the left panel's modality (category is then DRCO)
+
+
+@dataclass(frozen=True)
+class DemoShares:
+    """How realistic the labels are (see the module docstring); every share is in [0, 1]."""
+
+    fused_pet_ct: float = 0.0  # share of PET (DRPE) images whose labels also name CT
+    no_modality: float = 0.0  # share of all images whose labels name no modality
+    composite: float = 0.0  # share of all images that are two-panel figures of two modalities (DRCO)
+
+    @classmethod
+    def realistic(cls) -> "DemoShares":
+        """The default of the flat layouts: about half the PET images labelled PET/CT (as in the
+        ROCOv2 run that kept 14 of 33 DRPE images), one image in ten without modality, one in twelve
+        a two-modality composite."""
+        return cls(fused_pet_ct=0.5, no_modality=0.1, composite=0.08)
+
+    @classmethod
+    def for_layout(cls, layout: str) -> "DemoShares":
+        """Flat layouts get realistic labels (categories must come from them); folders2020 the plain story."""
+        return cls() if layout == "folders2020" else cls.realistic()
+
+    def check(self, out: Path) -> None:
+        for name in ("fused_pet_ct", "no_modality", "composite"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DataError(out, f"share {name} = {value} must be between 0 and 1")
+
+    def __bool__(self) -> bool:
+        return any((self.fused_pet_ct, self.no_modality, self.composite))
 
 
 def rare_pool(n_images: int) -> dict[str, list[str]]:
@@ -129,10 +183,11 @@ def rare_pool(n_images: int) -> dict[str, list[str]]:
     return {category: cuis[i * per_category : (i + 1) * per_category] for i, category in enumerate(CATEGORIES)}
 
 
-def sample_image(image_id: str, rng: np.random.Generator, rare: dict[str, list[str]]) -> DemoImage:
-    """Draw one image's category, region, findings and concept list (steps 1-5 of the story)."""
+def sample_image(image_id: str, rng: np.random.Generator, rare: dict[str, list[str]], category: str | None = None) -> DemoImage:
+    """Draw one image's category (unless given), region, findings and concept list (steps 1-5 of the story)."""
     categories = list(MODALITIES)
-    category = categories[rng.choice(len(categories), p=[MODALITIES[c].frequency for c in categories])]
+    if category is None:
+        category = categories[rng.choice(len(categories), p=[MODALITIES[c].frequency for c in categories])]
     modality = MODALITIES[category]
     regions = list(modality.regions)
     region = regions[rng.choice(len(regions), p=list(modality.regions.values()))]
@@ -169,13 +224,87 @@ def sample_demo_images(n_train: int, n_valid: int, n_test: int, rng: np.random.G
     return {"train": images[:n_train], "valid": images[n_train:end_valid], "test": images[end_valid:]}
 
 
+_COMPOSITE_MODALITIES = ("DRCT", "DRXR", "DRMR", "DRUS", "DRAN", "DRPE")  # single modalities a composite's panels show
+
+
+def realistic_labels(
+    splits: dict[str, list[DemoImage]], shares: DemoShares, seed: int, rare: dict[str, list[str]]
+) -> dict[str, list[DemoImage]]:
+    """The images with realistic labels (module docstring), drawn from their own generator so that
+    the plain story's draws, and hence every other image, stay as they are."""
+    if not shares:
+        return splits
+    rng = np.random.default_rng([seed, 16])
+    result: dict[str, list[DemoImage]] = {}
+    for split, members in splits.items():
+        changed = []
+        for image in members:
+            composite, fused, no_modality = rng.random(3)
+            if composite < shares.composite:
+                image = _composite(image, rng, rare)
+            elif image.category == "DRPE" and fused < shares.fused_pet_ct:
+                image = dataclasses.replace(image, cuis=_with_after(image.cuis, MODALITIES["DRPE"].cuis[-1], MODALITIES["DRCT"].cuis[0]))
+            if no_modality < shares.no_modality:
+                image = dataclasses.replace(image, cuis=tuple(cui for cui in image.cuis if cui not in MODALITY_CUIS))
+            changed.append(image)
+        result[split] = changed
+    return result
+
+
+MODALITY_CUIS = frozenset(cui for modality in MODALITIES.values() for cui in modality.cuis)
+
+
+def _with_after(cuis: tuple[str, ...], after: str, added: str) -> tuple[str, ...]:
+    listed = list(cuis)
+    listed.insert(listed.index(after) + 1 if after in listed else 0, added)
+    return tuple(dict.fromkeys(listed))
+
+
+def _composite(image: DemoImage, rng: np.random.Generator, rare: dict[str, list[str]]) -> DemoImage:
+    """A two-panel figure: the image's own story on the left, another modality's story on the right;
+    filed as DRCO, listing both panels' concepts."""
+    left = image.category
+    shown = set(MODALITIES[left].cuis)
+    others = [category for category in _COMPOSITE_MODALITIES if not shown.intersection(MODALITIES[category].cuis)]
+    weights = np.array([MODALITIES[category].frequency for category in others])
+    right = sample_image(image.image_id, rng, rare, category=others[rng.choice(len(others), p=weights / weights.sum())])
+    return dataclasses.replace(
+        image,
+        category="DRCO",
+        cuis=tuple(dict.fromkeys(image.cuis + right.cuis)),
+        panel=DemoPanel(right.category, right.region, right.findings),
+        panel_category=left,
+    )
+
+
+def render_demo_image(image: DemoImage, rng: np.random.Generator, panel_rng: np.random.Generator, size: int) -> np.ndarray:
+    """The image's pixels: its story drawn with `rng` (as in the plain demo); a composite squeezes
+    that drawing into the left half and draws its right panel with `panel_rng`."""
+    if image.panel is None:
+        return render_image(image.category, image.region, set(image.findings), rng, size)
+    left = render_image(image.panel_category or image.category, image.region, set(image.findings), rng, size)
+    right = render_image(image.panel.category, image.panel.region, set(image.panel.findings), panel_rng, size)
+    half = size // 2
+    panels = [np.asarray(Image.fromarray(pixels, "RGB").resize((width, size), Image.Resampling.BILINEAR)) for pixels, width in ((left, half), (right, size - half))]
+    return np.concatenate(panels, axis=1)
+
+
 def visible_concept_probabilities(image: DemoImage, rare: dict[str, list[str]]) -> dict[str, float]:
     """P(CUI listed | what the pixels show: modality, region, findings), from the generative story.
 
     A model that saw those three perfectly could do no better than these probabilities: organs
     are not drawn, caption concepts and rare CUIs are invisible, and listing is random. Decoding
-    them with expected-F1 gives the demo's ceiling (benchmarks/demo_ceiling.py).
+    them with expected-F1 gives the demo's ceiling (benchmarks/demo_ceiling.py). A composite figure
+    lists each panel's concepts: the larger probability of its two panels, each as a plain image.
+    Realistic label noise (fused PET/CT, dropped modality) is not modelled: the ceiling is the plain story's.
     """
+    if image.panel is not None:
+        left = dataclasses.replace(image, category=image.panel_category or image.category, panel=None, panel_category=None)
+        right = dataclasses.replace(image, category=image.panel.category, region=image.panel.region, findings=image.panel.findings, panel=None)
+        merged = visible_concept_probabilities(left, rare)
+        for cui, probability in visible_concept_probabilities(right, rare).items():
+            merged[cui] = max(probability, merged.get(cui, 0.0))
+        return merged
     modality = MODALITIES[image.category]
     probabilities = {**{cui: 1.0 for cui in modality.cuis}, REGION_CUIS[image.region]: 0.85}
     organs = REGION_ORGANS[image.region]
@@ -203,10 +332,13 @@ def make_demo_dataset(
     seed: int = 0,
     image_size: int = 128,
     layout: str = "folders2020",
+    shares: DemoShares | None = None,
 ) -> dict:
     """Write the dataset under `out` and return a summary (counts per split and category, paths).
 
-    The same seed draws the same images and labels in every layout, so layouts can be compared:
+    `shares`: how realistic the labels are (None: `DemoShares.for_layout(layout)`, realistic for
+    the flat layouts, plain for folders2020). The same seed and shares draw the same images and
+    labels in every layout, so layouts can be compared:
 
     - folders2020: train/<CAT>/<ID>.jpg, valid/<CAT>/<ID>.jpg, train_concepts.csv and
       valid_concepts.csv (2020 TSV), test/<ID>.jpg (flat);
@@ -223,16 +355,20 @@ def make_demo_dataset(
         raise DataError(out, "need at least one image per split and image_size >= 16")
     if layout not in DEMO_LAYOUTS:
         raise DataError(out, f"unknown demo layout {layout!r}; choose {', '.join(DEMO_LAYOUTS)}")
+    shares = DemoShares.for_layout(layout) if shares is None else shares
+    shares.check(out)
     _prepare_output(out)
     rng = np.random.default_rng(seed)
     splits = sample_demo_images(n_train, n_valid, n_test, rng)
+    panel_rng = np.random.default_rng([seed, 17])
+    splits = realistic_labels(splits, shares, seed, rare_pool(n_train + n_valid + n_test))
     splits = named_for_layout(splits, layout)
     flat = layout != "folders2020"
     for name, members in splits.items():
         for image in members:
             folder = out / name if name == "test" or flat else out / name / image.category
             folder.mkdir(parents=True, exist_ok=True)
-            pixels = render_image(image.category, image.region, set(image.findings), rng, image_size)
+            pixels = render_demo_image(image, rng, panel_rng, image_size)
             Image.fromarray(pixels, "RGB").save(folder / f"{image.image_id}.jpg", quality=90)
         if name == "test" or layout != "flat2026":
             _write_concepts(out / f"{name}_concepts.csv", members, with_header=flat)
@@ -241,7 +377,7 @@ def make_demo_dataset(
         _write_cui_names(out / CUI_NAMES_FILE, [image for members in splits.values() for image in members])
     categories = "".join(f"{image.image_id},{image.category}\n" for image in splits["test"])
     atomic_write_text(out / "test_categories.csv", "ID,CATEGORY\n" + categories)
-    summary = _summary(out, splits, seed, image_size, layout)
+    summary = _summary(out, splits, seed, image_size, layout, shares)
     atomic_write_json(out / DEMO_MARKER, summary)
     return summary
 
@@ -288,7 +424,7 @@ def _write_cui_names(path: Path, images: list[DemoImage]) -> None:
     atomic_write_text(path, "CUI,Canonical name\n" + rows)
 
 
-def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_size: int, layout: str) -> dict:
+def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_size: int, layout: str, shares: DemoShares) -> dict:
     all_images = [image for members in splits.values() for image in members]
     vocabulary = {cui for image in all_images for cui in image.cuis}
     concept_files = (
@@ -301,6 +437,12 @@ def _summary(out: Path, splits: dict[str, list[DemoImage]], seed: int, image_siz
         "seed": seed,
         "image_size": image_size,
         "layout": layout,
+        "shares": dataclasses.asdict(shares),
+        "labels": {
+            "fused_pet_ct": sum(image.category == "DRPE" and MODALITIES["DRCT"].cuis[0] in image.cuis for image in all_images),
+            "no_modality": sum(not MODALITY_CUIS.intersection(image.cuis) for image in all_images),
+            "composite": sum(image.panel is not None for image in all_images),
+        },
         "splits": {
             name: {
                 "images": len(members),

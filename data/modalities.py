@@ -4,8 +4,9 @@ ImageCLEFmedical ships flat image folders since 2021, but every image carries ha
 modality CUIs (CT, MRI, ultrasound...), so its category can be read off its labels. The rule:
 
 - the image's CUIs name exactly one category: that category;
-- they name several (a PET/CT image): the combined category `several` (DRCO by default, as
-  the 2020 data called it), or, when `several` is "", no category;
+- they name several (a PET/CT image): the first of `priority` they name (e.g. DRPE: a PET image
+  whose caption names the CT of the PET/CT study), else the combined category `several` (DRCO
+  by default, as the 2020 data called it), or, when `several` is "", no category;
 - they name none: no category (UNROUTED). Such an image still trains the global model and the
   stacker, but not the router (it would teach it a "no modality" class that is really a
   labelling gap) nor any category model.
@@ -30,6 +31,7 @@ class ModalityMapping:
 
     category_of_cui: Mapping[str, str]
     several: str
+    priority: tuple[str, ...] = ()  # categories that win when an image names several, first first
 
     @classmethod
     def from_config(cls, config: CategoryConfig) -> "ModalityMapping":
@@ -46,16 +48,34 @@ class ModalityMapping:
                 category_of_cui[cui] = category
         if config.several in config.modality_cuis or config.several == UNROUTED:
             raise ConfigError(f"[categories] several = {config.several!r} must differ from the modality categories")
-        return cls(category_of_cui, config.several)
+        unknown = [category for category in config.priority if category not in config.modality_cuis]
+        if unknown:
+            raise ConfigError(f"[categories] priority names {', '.join(map(repr, unknown))}, not categories of [categories.modality_cuis]")
+        return cls(category_of_cui, config.several, tuple(config.priority))
 
     def __bool__(self) -> bool:
         return bool(self.category_of_cui)
+
+    def cuis_by_category(self) -> dict[str, list[str]]:
+        """category -> its modality CUIs (sorted), the inverse of `category_of_cui`."""
+        result: dict[str, list[str]] = {}
+        for cui, category in sorted(self.category_of_cui.items()):
+            result.setdefault(category, []).append(cui)
+        return result
+
+    def names_category(self, cuis: Sequence[str], category: str) -> bool:
+        """Whether the CUIs name `category`'s modality (among others or alone)."""
+        return any(self.category_of_cui.get(cui) == category for cui in cuis)
 
     def category_of(self, cuis: Sequence[str]) -> str:
         """The category an image with these CUIs belongs to (UNROUTED when none applies)."""
         named = {self.category_of_cui[cui] for cui in cuis if cui in self.category_of_cui}
         if len(named) == 1:
             return named.pop()
+        if len(named) > 1:
+            preferred = next((category for category in self.priority if category in named), None)
+            if preferred is not None:
+                return preferred
         if len(named) > 1 and self.several:
             return self.several
         return UNROUTED

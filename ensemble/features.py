@@ -18,6 +18,7 @@ import numpy as np
 from conceptclef.ensemble.candidates import EXTRA_GLOBAL_SOURCE, SOURCES, CandidateSet, build_candidates
 from conceptclef.ensemble.inputs import StackingInputs
 from conceptclef.ensemble.mixing import mixture_at, routed_at, routed_index
+from conceptclef.ensemble.modality import MODALITY_FEATURES, modality_features
 from conceptclef.ensemble.sparse_ops import DENSE_CHUNK_ROWS, gather
 
 
@@ -42,7 +43,9 @@ class PairTable:
         return PairTable(self.candidates.take(mask), self.features[mask], self.feature_names)
 
 
-def feature_names_for(categories: list[str], extra_global_models: list[str] | tuple[str, ...] = ()) -> list[str]:
+def feature_names_for(
+    categories: list[str], extra_global_models: list[str] | tuple[str, ...] = (), modality: bool = False
+) -> list[str]:
     """Column names, fixed by the router's categories and the extra global models' names, so a
     saved stacker can check its inputs.
 
@@ -52,6 +55,8 @@ def feature_names_for(categories: list[str], extra_global_models: list[str] | tu
         The router's categories, in order.
     extra_global_models : sequence of str, default=()
         Names of the extra global models, in order.
+    modality : bool, default=False
+        Whether the modality features (`ensemble.modality.MODALITY_FEATURES`) end the row.
 
     Returns
     -------
@@ -75,6 +80,8 @@ def feature_names_for(categories: list[str], extra_global_models: list[str] | tu
         names += [f"global_prob:{name}", f"rank:{EXTRA_GLOBAL_SOURCE.format(name=name)}"]
     if extra_global_models:
         names.append("global_models_mean")
+    if modality:
+        names += MODALITY_FEATURES
     return names
 
 
@@ -120,7 +127,7 @@ def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTabl
         Features of shape (P, len(feature_names_for(...))), float32, NaN where a source has no value.
     """
     rows, cols = candidates.rows, candidates.cols
-    names = feature_names_for(inputs.categories, list(inputs.extra_global_probs))
+    names = feature_names_for(inputs.categories, list(inputs.extra_global_probs), inputs.modality_category is not None)
     features = np.empty((rows.size, len(names)), dtype=np.float32)
     column = iter(range(len(names)))
 
@@ -162,6 +169,9 @@ def build_features(inputs: StackingInputs, candidates: CandidateSet) -> PairTabl
     if inputs.extra_global_probs:
         # Averaging backbones is the published winners' rule; given directly, as global_routed_mean is.
         put((global_sum / (1 + len(inputs.extra_global_probs))).astype(np.float32))
+    if inputs.modality_category is not None:
+        for values in modality_features(inputs.router_probs, inputs.modality_category, inputs.several_position, rows, cols):
+            put(values)
     if next(column, None) is not None:
         raise RuntimeError("feature_names_for and build_features disagree on the columns")
     return PairTable(candidates, features, names)

@@ -49,6 +49,11 @@ class StackingInputs:
         Nearest-neighbour vote (`knn.NearestNeighbourScorer`).
     extra_global_probs : dict of str to numpy.ndarray of shape (n_images, n_concepts), optional
         Other global models (backbones or resolutions) by name.
+    modality_category : numpy.ndarray of shape (n_concepts,), int, optional
+        For each concept that is a modality CUI, the position in `categories` of its category;
+        -1 for the others. Given, the stacker gets the modality features (`ensemble.modality`).
+    several_position : int, default=-1
+        Position in `categories` of the combined category (images naming several modalities), -1: none.
 
     Raises
     ------
@@ -65,6 +70,8 @@ class StackingInputs:
     category_concept_frequency: np.ndarray  # (C, V) training frequency within each category
     knn_scores: np.ndarray | sp.spmatrix | None = None  # (n, V)
     extra_global_probs: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, V), other global backbones
+    modality_category: np.ndarray | None = None  # (V,) category position of a modality CUI, -1 otherwise
+    several_position: int = -1  # the combined category's position in `categories`, -1: none
 
     def __post_init__(self) -> None:
         self.image_ids = list(self.image_ids)
@@ -103,6 +110,10 @@ class StackingInputs:
             )
         if self.knn_scores is not None and self.knn_scores.shape != (n, v):
             raise ValueError(f"knn_scores has shape {self.knn_scores.shape}, expected {(n, v)}")
+        if self.modality_category is not None and (
+            np.shape(self.modality_category) != (v,) or np.max(self.modality_category, initial=-1) >= c
+        ):
+            raise ValueError(f"modality_category has shape {np.shape(self.modality_category)} or a position beyond {c} categories")
 
     def subset(self, rows: Sequence[int] | np.ndarray | slice) -> "StackingInputs":
         """The same inputs for a subset of images (folds); concept-level arrays are shared.
@@ -135,6 +146,8 @@ class StackingInputs:
             category_concept_frequency=self.category_concept_frequency,
             knn_scores=knn,
             extra_global_probs={name: probs[index] for name, probs in self.extra_global_probs.items()},
+            modality_category=self.modality_category,
+            several_position=self.several_position,
         )
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from conceptclef.training.checkpoints import CheckpointError
 from conceptclef.training.estimator import NetworkEstimator
 from conceptclef.training.feature_store import FeatureStore
+from conceptclef.training.inference import Activation
 from conceptclef.training.loop import EpochCallback, Objective
 from conceptclef.training.losses import balanced_class_weights
 
@@ -39,7 +41,7 @@ class ModalityRouter(NetworkEstimator[np.ndarray]):
     """Predicts an image's modality category (sklearn-style: fit / predict_proba / load)."""
 
     kind = "router"
-    activation = "softmax"
+    activation: ClassVar[Activation] = "softmax"
 
     def fit(
         self,
@@ -90,4 +92,16 @@ class ModalityRouter(NetworkEstimator[np.ndarray]):
 
     @classmethod
     def load(cls, work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> "ModalityRouter":
+        """The router in `work_dir`: a ModalityCuiRouter when its checkpoint says so (flat data,
+        `categories.modality_model = "cuis"`), so the run's table needs no second router class."""
         return super().load(work_dir, device, feature_store)
+
+    @classmethod
+    def _class_for(cls, payload: dict[str, Any]) -> type["ModalityRouter"]:
+        from conceptclef.router.modality_cuis import HEAD, ModalityCuiRouter
+
+        if payload.get("router_head") == HEAD:
+            return ModalityCuiRouter
+        if cls is not ModalityRouter:
+            raise CheckpointError(f"checkpoint holds a softmax router, not a {cls.__name__}")
+        return cls

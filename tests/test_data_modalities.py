@@ -92,3 +92,34 @@ def test_folder_categories_are_kept_and_unlabelled_modalities_give_one_category(
     assert assign_categories(folders, load_config(None)) == folders  # the 2020 layout: the folder decides
     no_modality = assign_categories([split("train", {"a": [CHEST]}), split("valid", {"b": [CT]})], load_config(None))
     assert [s.categories for s in no_modality] == [[UNCATEGORISED], [UNCATEGORISED]]
+
+
+def test_specialists_on_every_image_naming_their_modality():
+    """specialist_images = "modality": a PET/CT image trains the PET and the CT model; the combined
+    category keeps its own images; without the mapping, a category model has its category's images."""
+    import numpy as np
+
+    from conceptclef.pipeline.image_sets import ImageSet
+    from conceptclef.pipeline.stages.train_all import _members
+
+    labels = {"a": [CT], "b": [PET, CT], "c": [PET], "d": [CHEST], "e": [MR]}
+    (train,) = assign_categories([split("train", labels)], load_config(None))
+    images = ImageSet(list(train.records), np.zeros((5, 4, 4, 3), np.uint8), train.concept_lists)
+    by_modality = mapping()
+    assert by_modality.cuis_by_category()["DRPE"] == [PET] and by_modality.names_category([PET, CT], "DRCT")
+    assert list(_members(images, "DRCT")) == [0] and list(_members(images, "DRCT", by_modality)) == [0, 1]
+    assert list(_members(images, "DRPE", by_modality)) == [1, 2]
+    assert list(_members(images, "DRCO", by_modality)) == list(_members(images, "DRCO")) == [1]
+
+
+def test_priority_decides_images_naming_several_modalities():
+    prefer_pet = mapping(priority=["DRPE"])
+    assert prefer_pet.category_of([PET, CT]) == "DRPE" and prefer_pet.category_of([CT, MR]) == "DRCO"
+    assert mapping().category_of([PET, CT]) == "DRCO"
+    with pytest.raises(ConfigError, match="priority names 'DRZZ'"):
+        mapping(priority=["DRZZ"])
+    from conceptclef.core.config import apply_overrides
+
+    assert apply_overrides(load_config(None), ['categories.priority=["DRPE"]']).categories.priority == ["DRPE"]
+    with pytest.raises(ConfigError, match="categories.priority must be an array of strings"):
+        apply_overrides(load_config(None), ["categories.priority=[1]"])

@@ -32,7 +32,7 @@ def strip_modalities(concept_file: Path, rows: int) -> list[str]:
 @pytest.mark.slow
 def test_router_and_category_models_from_labels_on_flat_data(tmp_path: Path):
     data, run = tmp_path / "DATA", tmp_path / "run"
-    invoke("make-demo", data, "--layout", "flat2025", "--train", 160, "--valid", 80, "--test", 40, "--seed", 3, "--image-size", 48)
+    invoke("make-demo", data, "--layout", "flat2025", "--plain", "--train", 160, "--valid", 80, "--test", 40, "--seed", 3, "--image-size", 48)
     assert not any(path.is_dir() for path in (data / "train").iterdir())  # no category folders
     strip_modalities(data / "train_concepts.csv", 3)
     strip_modalities(data / "valid_concepts.csv", 2)

@@ -243,7 +243,7 @@ class NetworkEstimator(Generic[TargetsT]):
     def load(cls: type[EstimatorT], work_dir: Path, device: str = "auto", feature_store: FeatureStore | None = None) -> EstimatorT:
         """A trained model from checkpoint.pt alone (no config file or data needed)."""
         payload = load_checkpoint(RunFiles(work_dir).best)
-        estimator = cls(
+        estimator = cls._class_for(payload)(
             training_config_from_dict(payload["training"], RunFiles(work_dir).best),
             int(payload["image_size"]),
             device,
@@ -252,6 +252,11 @@ class NetworkEstimator(Generic[TargetsT]):
         )
         estimator._restore(payload, resolve_device(device))
         return estimator
+
+    @classmethod
+    def _class_for(cls: type[EstimatorT], payload: dict[str, Any]) -> type[EstimatorT]:
+        """The class that reads this checkpoint: `cls`, unless a subclass's head wrote it (see ModalityRouter)."""
+        return cls
 
     @staticmethod
     def is_trained(work_dir: Path) -> bool:

@@ -30,6 +30,7 @@ from conceptclef.data.concepts import read_category_file, read_concept_file
 from conceptclef.data.concepts import read_cui_names
 from conceptclef.data.modalities import ModalityMapping, derive_categories
 from conceptclef.data.vocabulary import ConceptVocabulary
+from conceptclef.ensemble.modality import one_modality
 from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.ensemble.decoding import make_decider
 from conceptclef.ensemble.folds import fold_splits, image_folds
@@ -187,6 +188,7 @@ def run_ablation(
         source = f"{images_dir}"
     group_names = labelled.true_categories or router_choice(labelled.outputs)
     table = _score_table(rows, labelled, group_names, list(vocabulary.cuis))
+    secondary_table = secondary_by_group(rows, labelled, group_names, list(vocabulary.cuis))
     per_concept = concept_report(
         vocabulary.cuis, rows[f"stacked ensemble ({ensemble.rule})"], stacked_probs, labelled.truth,
         ensemble.statistics.concept_frequency, names,
@@ -206,6 +208,7 @@ def run_ablation(
         },
         fallback_categories=manifest.fallback_categories,
         per_concept=per_concept,
+        secondary_table=secondary_table,
     )
 
 
@@ -250,9 +253,10 @@ def _validation_rows(
         rows["per-category, oracle routing + tuned thresholds"] = cross_fitted_threshold_decisions(oracle, truth, outside, config)
     rows["average(global, routed) + tuned thresholds"] = cross_fitted_threshold_decisions(averaged_probs(inputs), truth, outside, config)
     _, oof = load_oof_probabilities(layout)
-    rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
-        _cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule), oof, frequency
-    )
+    stacked = at_least_one_concept(_cross_fitted_ensemble_decisions(oof, labelled, config, ensemble.rule), oof, frequency)
+    if ensemble.modality is not None:  # the one-modality rule, as predict applies it
+        stacked = one_modality(stacked, oof, outputs.router_probs, ensemble.modality.category, ensemble.modality.several_position)
+    rows[f"stacked ensemble ({ensemble.rule})"] = stacked
     return rows, labelled, oof
 
 
@@ -330,9 +334,7 @@ def _test_rows(
     rows["average(global, routed) + tuned thresholds"] = tuned(averaged_probs(valid_inputs), averaged_probs(inputs))
     stacked = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
     # Topped up to one concept per image exactly as predict writes the submission.
-    rows[f"stacked ensemble ({ensemble.rule})"] = at_least_one_concept(
-        ensemble.decider.predict(stacked), stacked, ensemble.statistics.concept_frequency
-    )
+    rows[f"stacked ensemble ({ensemble.rule})"] = ensemble.decide(stacked, outputs.router_probs)
     return rows, stacked
 
 
@@ -352,6 +354,24 @@ def _score_table(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, grou
         for group in sorted(set(group_names)):
             members = scored & (groups == group)
             record[group] = float(per_image[members].mean()) if members.any() else np.nan
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def secondary_by_group(rows: dict[str, sp.csr_matrix], labelled: LabelledOutputs, group_names: list[str], cuis: list[str]) -> pd.DataFrame:
+    """Each row's secondary score (modality and X-ray region CUIs) overall and per category: where
+    routing on flat data loses the modality, the category it loses it in (NaN: no image of the
+    category has a secondary CUI)."""
+    groups = np.array(group_names)
+    records = []
+    for name, decisions in rows.items():
+        secondary = per_image_subset_f1_sparse(decisions, labelled.truth, cuis, truth_outside=labelled.secondary_outside)
+        scored = np.isfinite(secondary)
+        record: dict[str, object] = {"system": name, "secondary": float(secondary[scored].mean()) if scored.any() else np.nan,
+                                     "n_images": int(scored.sum())}
+        for group in sorted(set(group_names)):
+            members = scored & (groups == group)
+            record[group] = float(secondary[members].mean()) if members.any() else np.nan
         records.append(record)
     return pd.DataFrame.from_records(records)
 

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from conceptclef.core.config import Config
 from conceptclef.core.runfiles import atomic_save_sparse, load_sparse, read_json
+from conceptclef.data.modalities import ModalityMapping
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.ensemble.knn import NearestNeighbourScorer
 from conceptclef.pipeline.errors import RunDirectoryError
@@ -109,7 +110,8 @@ def fit_cross_fitted_ensemble(
     layout: RunLayout, config: Config, manifest: Manifest, development: ImageSet, vocabulary: ConceptVocabulary
 ) -> None:
     """Gather the fold networks' out-of-fold outputs, then fit the stacker and decision rule on them."""
-    statistics = ConceptStatistics.from_training(development, vocabulary, manifest.categories)
+    mapping = ModalityMapping.from_config(config.categories) if config.ensemble.modality_features else None
+    statistics = ConceptStatistics.from_training(development, vocabulary, manifest.categories, mapping)
     statistics.save(layout.concept_statistics_path)
     labels = development.labels(vocabulary)
     folds = [fold_image_rows(config, development, fold) for fold in range(config.development.folds)]

@@ -17,7 +17,6 @@ from conceptclef.core.config import Config, locate_key
 from conceptclef.core.runfiles import atomic_save_sparse
 from conceptclef.data.submission import canonical_format, write_submission, write_upload_zip
 from conceptclef.data.vocabulary import ConceptVocabulary
-from conceptclef.ensemble.nonempty import at_least_one_concept
 from conceptclef.pipeline.stages import tta
 from conceptclef.pipeline.image_sets import ImagesAtSize, ImageSet, config_at_image_size, load_unlabelled_set, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
@@ -212,7 +211,7 @@ def write_predictions(
     """Everything after the networks: kNN, stacking, decisions, the submission and its probabilities file."""
     inputs = to_stacking_inputs(outputs, vocabulary, ensemble.statistics, ensemble.knn)
     probs = sp.csr_matrix(ensemble.stacker.predict_proba(inputs), dtype=np.float32)
-    decisions = at_least_one_concept(ensemble.decider.predict(probs), probs, ensemble.statistics.concept_frequency)
+    decisions = ensemble.decide(probs, outputs.router_probs)
     predictions = decisions_to_concepts(decisions, outputs.image_ids, vocabulary, probs)
     write_submission(out_path, predictions, format=submission_format)
     probabilities_path = probabilities_path_for(out_path)

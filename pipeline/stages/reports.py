@@ -74,6 +74,16 @@ def plot_confusion(categories: list[str], matrix: np.ndarray, path: Path) -> Non
     _save_figure(figure, path)
 
 
+def write_confusion_csv(categories: list[str], matrix: np.ndarray, path: Path) -> None:
+    """The router's confusion matrix (rows: true category, columns: routed to) with each row's accuracy."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    frame = pd.DataFrame(matrix, index=pd.Index(list(categories), name="true category"), columns=list(categories))
+    totals = matrix.sum(axis=1)
+    frame["accuracy"] = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+    with atomic_output(path, "w") as stream:
+        frame.to_csv(stream, float_format="%.4f")
+
+
 def threshold_curve(probs: np.ndarray | sp.spmatrix, truth: sp.spmatrix, outside: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Official F1 when one global threshold is applied to every concept.
 
@@ -115,8 +125,10 @@ def write_ablation_report(
     threshold_curves: dict,
     fallback_categories: list[str],
     per_concept: pd.DataFrame | None = None,
+    secondary_table: pd.DataFrame | None = None,
 ) -> str:
-    """Write ablation.csv, ablation.md, three PNGs and per_concept.csv; return the Markdown text."""
+    """Write ablation.csv, ablation.md, three PNGs, per_concept.csv and ablation_secondary.csv (the
+    secondary score per category); return the Markdown text."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "ablation.csv", "w") as stream:
         table.to_csv(stream, index=False, float_format="%.4f")
@@ -125,6 +137,11 @@ def write_ablation_report(
         header += f"Categories using the global model (too few images, or the only category): {', '.join(fallback_categories)}.\n"
     header += "The secondary column is the 2025/2026 secondary score (15 modality and X-ray region CUIs).\n"
     markdown = header + "\n" + markdown_table(table)
+    if secondary_table is not None:
+        with atomic_output(out_dir / "ablation_secondary.csv", "w") as stream:
+            secondary_table.to_csv(stream, index=False, float_format="%.4f")
+        markdown += (f"\nSecondary score per category (grouped by {grouped_by}; n_images: images whose truth has a secondary CUI"
+                     "):\n\n" + markdown_table(secondary_table))
     if per_concept is not None:
         with atomic_output(out_dir / "per_concept.csv", "w") as stream:
             per_concept.to_csv(stream, index=False, float_format="%.4f")
@@ -132,5 +149,6 @@ def write_ablation_report(
     atomic_write_text(out_dir / "ablation.md", markdown)
     plot_category_bars(table, out_dir / "per_category_f1.png", grouped_by)
     plot_confusion(confusion[0], confusion[1], out_dir / "router_confusion.png")
+    write_confusion_csv(confusion[0], confusion[1], out_dir / "router_confusion.csv")
     plot_threshold_curves(threshold_curves, out_dir / "threshold_vs_f1.png")
     return markdown

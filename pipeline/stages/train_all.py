@@ -26,7 +26,8 @@ from conceptclef.data.errors import DataError
 from conceptclef.data.modalities import UNROUTED
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.stages.train_networks import train_concept_model, train_router
-from conceptclef.pipeline.run.category_record import write_category_record
+from conceptclef.data.modalities import ModalityMapping
+from conceptclef.pipeline.run.category_record import categories_from_labels, write_category_record
 from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.image_sets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
 from conceptclef.pipeline.errors import RunDirectoryError
@@ -197,7 +198,7 @@ def _pending_models(
                 )
         if network.is_finished():
             log.warning("%s: %s; it is retrained", network.job_name, reason)
-        images = len(_members(train, network.category)) if network.category is not None else len(train.records)
+        images = len(_members(train, network.category, _specialist_mapping(config, layout))) if network.category is not None else len(train.records)
         jobs.append(ModelJob(network, vocabulary, images))
     return jobs
 
@@ -260,8 +261,9 @@ def _train_on(job: ModelJob, layout: RunLayout, config: Config, images: Training
             seed=network.seed,
         )
         return
-    category_train = train.subset(_members(train, network.category))
-    category_valid = valid.subset(_members(valid, network.category))
+    by_modality = _specialist_mapping(config, layout)
+    category_train = train.subset(_members(train, network.category, by_modality))
+    category_valid = valid.subset(_members(valid, network.category, by_modality))
     settings = specialist_training(config, layout, network.work_dir) if network.depends_on else network.settings
     train_concept_model(network.work_dir, config, category_train, job.vocabulary, category_valid, images.predicted, settings=settings)
 
@@ -416,16 +418,30 @@ def _plan_stages(categories: list[str], only: Sequence[str] | None, extra_global
     return set(only)
 
 
-def _members(image_set: ImageSet, category: str) -> np.ndarray:
-    return np.flatnonzero(np.array([str(c) for c in image_set.categories]) == category)
+def _members(image_set: ImageSet, category: str, by_modality: ModalityMapping | None = None) -> np.ndarray:
+    """The images a category model learns from: its category's, and with `by_modality` (flat data,
+    `categories.specialist_images = "modality"`) every image naming its modality too (a PET/CT image
+    trains the PET and the CT model; the combined category keeps its own images)."""
+    own = np.array([str(c) for c in image_set.categories]) == category
+    if by_modality is not None and category != by_modality.several and image_set.concept_lists is not None:
+        own |= np.array([by_modality.names_category(cuis, category) for cuis in image_set.concept_lists], dtype=bool)
+    return np.flatnonzero(own)
+
+
+def _specialist_mapping(config: Config, layout: RunLayout) -> ModalityMapping | None:
+    """The modality mapping when category models train on every image naming their modality (else None)."""
+    if config.categories.specialist_images != "modality" or not categories_from_labels(layout):
+        return None
+    return ModalityMapping.from_config(config.categories)
 
 
 def _decide_category(
     layout: RunLayout, manifest: Manifest, config: Config, category: str, train: ImageSet, valid: ImageSet
 ) -> ConceptVocabulary | None:
     """The category model's vocabulary, or None when the category uses the global model; recorded in the manifest."""
-    members = _members(train, category)
-    valid_members = _members(valid, category)
+    by_modality = _specialist_mapping(config, layout)
+    members = _members(train, category, by_modality)
+    valid_members = _members(valid, category, by_modality)
     vocabulary = ConceptVocabulary.from_concept_lists(train.subset(members).known_concepts, min_count=config.data.min_concept_count)
     only_category = len(manifest.categories) == 1
     too_few = only_category or len(members) < config.data.min_category_images or len(valid_members) == 0 or len(vocabulary) == 0

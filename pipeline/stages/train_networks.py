@@ -18,10 +18,14 @@ from conceptclef.core.config import Config, TrainingConfig
 from conceptclef.core.runfiles import atomic_save_arrays, atomic_write_json, map_arrays, read_json
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.stages import tta
+from conceptclef.pipeline.stages.reports import plot_confusion, write_confusion_csv
 from conceptclef.pipeline.image_sets import ImageSet, routed_subset
 from conceptclef.pipeline.devices.ranks import is_main_process
 from conceptclef.pipeline.run.layout import RunLayout
+from conceptclef.data.modalities import ModalityMapping
+from conceptclef.pipeline.run.category_record import categories_from_labels
 from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_class_for
+from conceptclef.router.modality_cuis import ModalityCuiRouter
 from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from conceptclef.training.feature_registry import feature_store_for
 
@@ -70,6 +74,16 @@ def train_router(
     if single:
         router = SingleCategoryRouter().fit(train_categories, valid_categories, work_dir)
         log.info("router: one category (%s); every image goes to it, nothing to train", router.categories_[0])
+    elif config.categories.modality_model == "cuis" and categories_from_labels(layout):
+        mapping = ModalityMapping.from_config(config.categories)
+        cui_router = ModalityCuiRouter(
+            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+        )
+        router = cui_router.fit_cuis(
+            train.images, train.known_concepts, valid.images, valid.known_concepts, mapping.cuis_by_category(),
+            sorted(set(train_categories)), mapping.several, work_dir,
+        )
+        log.info("router: one sigmoid per modality CUI (%s), categories read from them", ", ".join(cui_router.cuis_))
     else:
         modality_router = ModalityRouter(
             config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
@@ -104,9 +118,26 @@ def _write_baseline(work_dir: Path, metric: str, model_score: float, baseline: s
 
 
 def _write_confusion(work_dir: Path, categories: list[str], confusion: np.ndarray) -> None:
+    """confusion.json (read back by the ablation), confusion.csv and confusion.png beside it, and
+    the validation accuracy of each category in the log: where routing goes wrong, not only how often."""
+    matrix = np.asarray(confusion, dtype=np.int64)
+    per_category = category_accuracies(categories, matrix)
+    if per_category:
+        log.info("router: validation accuracy per category: %s", ", ".join(
+            f"{category} {accuracy:.3f} ({int(matrix[i].sum())})" for i, (category, accuracy) in enumerate(per_category.items())
+        ))
     if not is_main_process():
         return
-    atomic_write_json(RunLayout.files(work_dir).confusion, {"categories": list(categories), "matrix": np.asarray(confusion).tolist()})
+    files = RunLayout.files(work_dir)
+    atomic_write_json(files.confusion, {"categories": list(categories), "matrix": matrix.tolist()})
+    write_confusion_csv(list(categories), matrix, files.confusion.with_suffix(".csv"))
+    plot_confusion(list(categories), matrix, files.confusion.with_suffix(".png"))
+
+
+def category_accuracies(categories: list[str], matrix: np.ndarray) -> dict[str, float]:
+    """Share of each true category's validation images routed to it (NaN: none in validation)."""
+    totals = matrix.sum(axis=1)
+    return {category: float(matrix[i, i] / totals[i]) if totals[i] else float("nan") for i, category in enumerate(categories)}
 
 
 def read_confusion(layout: RunLayout) -> tuple[list[str], np.ndarray]:
