@@ -38,7 +38,7 @@ from conceptclef.pipeline.image_sets import ImagesAtSize, ImageSet, cached_image
 from conceptclef.pipeline.run.development_folds import FoldRows, development_folds, fold_rows, fold_seed
 from conceptclef.pipeline.run.directory import Manifest
 from conceptclef.pipeline.run.layout import RunLayout
-from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Role, run_networks
+from conceptclef.pipeline.run.networks import run_networks
 from conceptclef.pipeline.stages.predict import RunModels
 from conceptclef.pipeline.stages.stacking import (
     BaseOutputs,
@@ -190,20 +190,7 @@ def load_out_of_fold_outputs(layout: RunLayout, manifest: Manifest, config: Conf
     knn_scores, arrays = load_sparse(layout.out_of_fold_knn_path)
     if [str(image_id) for image_id in arrays["image_ids"]] != image_ids:
         raise RunDirectoryError(f"{layout.out_of_fold_knn_path}: development images differ from the global model's")
-    categories = [kind for kind in kinds if kind.role is Role.CATEGORY]
-    return BaseOutputs(
-        image_ids=image_ids,
-        router_probs=saved["router"].probs,
-        router_categories=list(manifest.categories),
-        global_probs=saved["global"].probs,
-        global_embeddings=np.zeros((len(image_ids), 0), np.float32),
-        category_probs={kind.name: saved[kind.name].probs for kind in categories},
-        category_cuis={kind.name: list(ConceptVocabulary.load(kind.files.vocabulary).cuis) for kind in categories},
-        extra_global_probs={
-            kind.name.removeprefix(EXTRA_GLOBAL_PREFIX): saved[kind.name].probs for kind in kinds if kind.role is Role.EXTRA_GLOBAL
-        },
-        knn_scores=knn_scores,
-    )
+    return BaseOutputs.from_saved(saved, kinds, list(manifest.categories), np.zeros((len(image_ids), 0), np.float32), knn_scores)
 
 
 def out_of_fold_confusion(layout: RunLayout, folds: int) -> tuple[list[str], np.ndarray]:

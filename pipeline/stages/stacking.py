@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold
 from conceptclef.pipeline.stages.train_networks import ModelPredictions
 from conceptclef.pipeline.image_sets import ImageSet
 from conceptclef.pipeline.errors import RunDirectoryError
-from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Role, run_networks
+from conceptclef.pipeline.run.networks import EXTRA_GLOBAL_PREFIX, Network, Role, run_networks
 from conceptclef.pipeline.run.directory import Manifest
 from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.stages.validation_scores import out_of_fold_decisions, validation_scores
@@ -55,6 +56,33 @@ class BaseOutputs:
     # kNN scores already computed (cross-fitted networks: each fold's global model queries its own
     # index, so the embeddings of several folds never meet one index); None: from global_embeddings
     knn_scores: sp.csr_matrix | None = None
+
+    @classmethod
+    def from_saved(
+        cls,
+        saved: dict[str, ModelPredictions],
+        networks: Sequence[Network],
+        router_categories: list[str],
+        global_embeddings: np.ndarray,
+        knn_scores: sp.csr_matrix | None = None,
+    ) -> "BaseOutputs":
+        """The outputs of `networks` (one per kind) from their saved predictions, keyed by network name."""
+        categories = [network for network in networks if network.role is Role.CATEGORY]
+        return cls(
+            image_ids=saved["global"].image_ids,
+            router_probs=saved["router"].probs,
+            router_categories=router_categories,
+            global_probs=saved["global"].probs,
+            global_embeddings=global_embeddings,
+            category_probs={network.name: saved[network.name].probs for network in categories},
+            category_cuis={network.name: list(ConceptVocabulary.load(network.files.vocabulary).cuis) for network in categories},
+            extra_global_probs={
+                network.name.removeprefix(EXTRA_GLOBAL_PREFIX): saved[network.name].probs
+                for network in networks
+                if network.role is Role.EXTRA_GLOBAL
+            },
+            knn_scores=knn_scores,
+        )
 
 
 @dataclass
@@ -127,19 +155,7 @@ def load_validation_outputs(layout: RunLayout, manifest: Manifest, config: Confi
     global_embeddings = saved["global"].embeddings
     if global_embeddings is None:
         raise RunDirectoryError(f"{layout.files(layout.global_dir).validation_predictions}: holds no embeddings (the kNN queries)")
-    categories = [network for network in networks if network.role is Role.CATEGORY]
-    return BaseOutputs(
-        image_ids=image_ids,
-        router_probs=saved["router"].probs,
-        router_categories=list(manifest.categories),
-        global_probs=saved["global"].probs,
-        global_embeddings=global_embeddings,
-        category_probs={network.name: saved[network.name].probs for network in categories},
-        category_cuis={network.name: list(ConceptVocabulary.load(network.files.vocabulary).cuis) for network in categories},
-        extra_global_probs={
-            network.name.removeprefix(EXTRA_GLOBAL_PREFIX): saved[network.name].probs for network in networks if network.role is Role.EXTRA_GLOBAL
-        },
-    )
+    return BaseOutputs.from_saved(saved, networks, list(manifest.categories), global_embeddings)
 
 
 def to_stacking_inputs(
