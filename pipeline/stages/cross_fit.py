@@ -156,11 +156,12 @@ def _held_out_predictions(path: Path, development: ImageSet, rows: FoldRows) -> 
 def _gather_predictions(layout: RunLayout, config: Config, manifest: Manifest, development: ImageSet, folds: list[FoldRows]) -> None:
     """Every network kind's held-out predictions of every fold, as one float16 matrix per kind over
     the development images (one kind in memory at a time: 116,000 x 2,646 float16 is 0.6 GB)."""
-    kinds = run_networks(layout, config, manifest.categories, manifest.fallback_categories, fold=0)
-    for kind in kinds:
+    tables = {rows.fold: run_networks(layout, config, manifest.categories, manifest.fallback_categories, fold=rows.fold) for rows in folds}
+    kinds = tables[0]
+    for position, kind in enumerate(kinds):
         gathered: np.ndarray | None = None
         for rows in folds:
-            network = run_networks(layout, config, manifest.categories, manifest.fallback_categories, fold=rows.fold)[kinds.index(kind)]
+            network = tables[rows.fold][position]
             saved = _held_out_predictions(network.files.validation_predictions, development, rows)
             if gathered is None:
                 gathered = np.empty((len(development.records), saved.probs.shape[1]), dtype=np.float16)
