@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from conceptclef.router.model import ModalityRouter, confusion_matrix
+from conceptclef.router.model import ModalityRouter, accuracy, confusion_matrix
 from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation
 from conceptclef.training.loop import EpochCallback, Objective
@@ -142,7 +142,7 @@ class ModalityCuiRouter(ModalityRouter):
         keep = truth >= 0
         if not keep.any():
             return 0.0
-        return float(np.mean(np.argmax(self.categories_from(outputs[keep]), axis=1) == truth[keep]))
+        return accuracy(self.categories_from(outputs[keep]), truth[keep])
 
     def _objective(self, targets: np.ndarray, num_classes: int) -> Objective[np.ndarray]:
         return Objective(nn.BCEWithLogitsLoss(), "sigmoid", "accuracy", self._category_accuracy)
@@ -156,7 +156,7 @@ class ModalityCuiRouter(ModalityRouter):
         keep = truth >= 0
         probabilities = self.categories_from(outputs[keep])
         return {
-            "valid_accuracy": self._category_accuracy(outputs, targets),
+            "valid_accuracy": accuracy(probabilities, truth[keep]),
             "confusion": confusion_matrix(probabilities, truth[keep], len(self.categories_)).tolist(),
         }
 
