@@ -34,6 +34,7 @@ file pages read, page cache the kernel can drop) and as anonymous memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import tempfile
@@ -189,6 +190,8 @@ def main() -> None:
     parser.add_argument("--year", choices=("2020", "2026"), default="2020",
                         help="2026: 116,604 images x 2,646 CUIs, 8 models, ~4 concepts/image, outputs on disk")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the images (with --year 2026)")
+    parser.add_argument("--negative-fraction", type=float, default=EnsembleConfig().negative_fraction,
+                        help="share of negative pairs each stacker fit keeps on a large table (1: every pair)")
     parser.add_argument("--on-disk", type=Path, default=None,
                         help="write the models' outputs here (float16 .npy, read by memory map); --year 2026: a temporary folder")
     args = parser.parse_args()
@@ -205,7 +208,7 @@ def main() -> None:
 
 
 def run_chain(args: argparse.Namespace, on_disk: Path | None) -> None:
-    config = EnsembleConfig()
+    config = dataclasses.replace(EnsembleConfig(), negative_fraction=args.negative_fraction)
     n, v = args.images, args.concepts
     print(f"post-processing benchmark: {n:,} images x {v:,} concepts, {args.models} models, "
           f"~{args.per_image:g} true concepts/image, {os.cpu_count()} cores, LightGBM threads {args.threads}, "
