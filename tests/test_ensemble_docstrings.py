@@ -51,7 +51,7 @@ def test_the_estimators_document_their_learned_attributes():
     from conceptclef.ensemble.thresholds import ConceptThresholdTuner
 
     expected = {
-        ConceptStacker: {"booster_", "feature_names_", "categories_", "n_train_pairs_", "n_train_positive_pairs_", "eval_loss_"},
+        ConceptStacker: {"booster_", "feature_names_", "categories_", "n_train_pairs_", "n_train_positive_pairs_", "eval_loss_", "eval_probs_"},
         ConceptThresholdTuner: {"global_threshold_", "thresholds_", "n_positives_", "sweep_scores_"},
         ExpectedF1Decoder: {"expected_missing_"},
     }

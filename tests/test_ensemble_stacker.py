@@ -13,7 +13,7 @@ from conceptclef.core.config import EnsembleConfig
 from conceptclef.ensemble.features import build_pair_table
 from conceptclef.ensemble.folds import image_folds
 from conceptclef.ensemble.mixing import mixture_block, routed_block
-from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold, cross_fit_table, pair_labels
+from conceptclef.ensemble.stacker import ConceptStacker, cross_fit_out_of_fold, cross_fit_table, negative_subsample, pair_labels
 from conceptclef.ensemble.thresholds import tune_global_threshold
 from synthetic_stacking import SyntheticSignals, make_synthetic_set
 
@@ -140,3 +140,56 @@ def test_folds_stop_boosting_after_their_patience(informative):
     refit = EnsembleConfig(candidates_per_model=10, n_estimators=rounds, learning_rate=0.1, folds=3)
     fold_model = ConceptStacker.from_config(refit, 0, 1).fit_table(table.take(~held), labels[~held], inputs.categories)
     np.testing.assert_allclose(oof[held], fold_model.predict_table(table.take(held)), rtol=1e-5, atol=1e-6)
+
+
+def test_negative_subsample_keeps_every_positive_and_weights_the_kept_negatives():
+    labels = (np.random.default_rng(0).random(40_000) < 0.05).astype(np.float32)
+    rows, weights = negative_subsample(labels, 0.25, from_pairs=10_000, seed=3)
+    assert rows is not None and weights is not None
+    assert set(np.flatnonzero(labels)) <= set(rows)  # every positive pair is fitted on
+    kept_negatives = int((labels[rows] == 0).sum())
+    assert abs(kept_negatives - 0.25 * (labels == 0).sum()) < 0.02 * (labels == 0).sum()
+    np.testing.assert_array_equal(weights, np.where(labels[rows] > 0, 1.0, 4.0).astype(np.float32))
+    # The weighted negatives stand for all of them: the weighted base rate is the table's.
+    assert abs(float((weights * labels[rows]).sum() / weights.sum()) - float(labels.mean())) < 0.003
+    again, _ = negative_subsample(labels, 0.25, from_pairs=10_000, seed=3)
+    np.testing.assert_array_equal(rows, again)  # seeded: a rerun fits on the same pairs
+
+
+@pytest.mark.parametrize("fraction, from_pairs", [(1.0, 0), (0.25, 40_001)])
+def test_negative_subsample_keeps_small_tables_and_fraction_one_whole(fraction, from_pairs):
+    labels = np.zeros(40_000, dtype=np.float32)
+    assert negative_subsample(labels, fraction, from_pairs, seed=0) == (None, None)
+
+
+def test_subsampled_stacker_stays_calibrated_and_informative(informative):
+    """Fitted on a quarter of the negatives, weighted: probabilities keep the base rate and the ranking."""
+    inputs, truth = informative.inputs, informative.truth
+    table = build_pair_table(inputs.subset(np.arange(1000)), 10)
+    labels = pair_labels(table, truth[:1000])
+    held_table = build_pair_table(inputs.subset(np.arange(1000, 1500)), 10)
+    held_labels = pair_labels(held_table, truth[1000:])
+    settings = dict(FAST, n_estimators=120, learning_rate=0.05)
+    whole = ConceptStacker(**settings, subsample_from_pairs=10**9).fit_table(table, labels, inputs.categories)
+    sampled = ConceptStacker(**settings, negative_fraction=0.25, subsample_from_pairs=0).fit_table(table, labels, inputs.categories)
+    whole_probs, sampled_probs = whole.predict_table(held_table), sampled.predict_table(held_table)
+    assert not np.allclose(whole_probs, sampled_probs)  # the subsample was used
+    assert abs(float(sampled_probs.mean()) - float(held_labels.mean())) < 0.02
+    assert roc_auc_score(held_labels, sampled_probs) > roc_auc_score(held_labels, whole_probs) - 0.01
+
+
+@pytest.mark.parametrize("rounds", [1, 37, 80])
+def test_held_out_probabilities_from_kept_scores_equal_a_fresh_prediction(informative, rounds):
+    inputs, truth = informative.inputs, informative.truth
+    table = build_pair_table(inputs, 10)
+    labels = pair_labels(table, truth)
+    held = np.asarray(image_folds(inputs.n_images, 4, 0))[table.candidates.rows] == 0
+    stacker = ConceptStacker(**dict(FAST, n_estimators=80)).fit_table(
+        table.take(~held), labels[~held], inputs.categories, table.take(held), labels[held]
+    )
+    held_table = table.take(held)
+    np.testing.assert_allclose(
+        stacker.held_out_probabilities(held_table, rounds), stacker.predict_table(held_table, rounds), rtol=0, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="after 81"):
+        stacker.held_out_probabilities(held_table, 81)
