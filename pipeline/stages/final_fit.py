@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from conceptclef.category_models import ConceptModel
 from conceptclef.core.config import Config
 from conceptclef.core.runfiles import atomic_write_json
 from conceptclef.data.vocabulary import ConceptVocabulary
@@ -38,6 +39,7 @@ from conceptclef.pipeline.run.layout import RunLayout
 from conceptclef.pipeline.run.networks import Network, Role, split_run_identity
 from conceptclef.pipeline.stages.predict import RunModels
 from conceptclef.pipeline.stages.stacking import BaseOutputs, load_knn_scorer, save_knn_index
+from conceptclef.router import ModalityRouter, SingleCategoryRouter
 from conceptclef.training.checkpoints import RunFiles
 from conceptclef.training.loop import HEAD_WARMUP_FOLDER, head_warmup_config
 from conceptclef.training.replay import ReplayError, StepReplay
@@ -69,13 +71,20 @@ def step_replay(network: Network, layout: RunLayout) -> StepReplay | None:
     return replay
 
 
-def record_final_fit(network: Network, layout: RunLayout, replay: StepReplay | None, model: object, index: ImageSet, vocabulary: ConceptVocabulary | None) -> None:
+def record_final_fit(
+    network: Network,
+    layout: RunLayout,
+    replay: StepReplay | None,
+    model: ConceptModel | ModalityRouter | SingleCategoryRouter,
+    index: ImageSet,
+    vocabulary: ConceptVocabulary | None,
+) -> None:
     """After a final-fit network trained: the global model's kNN index over train + valid, and the
     record of the split-run network its budget came from (what `Network.outdated_reason` checks)."""
     if network.role is Role.GLOBAL:
-        assert vocabulary is not None
+        assert vocabulary is not None and isinstance(model, ConceptModel)
         log.info("%s: embedding the %d train + valid images (the test kNN index)", network.job_name, len(index.records))
-        embeddings = model.embed(index.images)  # type: ignore[attr-defined]
+        embeddings = model.embed(index.images)
         if is_main_process():
             save_knn_index(network.files.knn_index, embeddings, index.labels(vocabulary))
     if is_main_process():

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from conceptclef.core.config import Config, ConfigError, TrainingConfig
 from conceptclef.core.memory import release_freed_memory
 from conceptclef.core.runfiles import atomic_write_json, read_json
@@ -49,6 +47,8 @@ from conceptclef.pipeline.stages.final_fit import record_final_fit, step_replay
 from conceptclef.pipeline.stages.network_images import TrainingImages, category_members, final_fit_images, specialist_mapping, split_images
 from conceptclef.pipeline.stages.stacking import fit_ensemble
 from conceptclef.training.replay import StepReplay
+from conceptclef.category_models import ConceptModel
+from conceptclef.router import ModalityRouter, SingleCategoryRouter
 from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")
@@ -244,7 +244,9 @@ def _at_image_size(network: Network, config: Config, train: ImageSet, valid: Ima
     return same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
 
 
-def _train_on(job: ModelJob, layout: RunLayout, config: Config, images: TrainingImages, replay: StepReplay | None) -> object:
+def _train_on(
+    job: ModelJob, layout: RunLayout, config: Config, images: TrainingImages, replay: StepReplay | None
+) -> ConceptModel | ModalityRouter | SingleCategoryRouter:
     """Train the job's network on `images` (`replay`: the final fit's budget); returns the fitted model."""
     network = job.network
     train, valid = images.fit, images.stopping
