@@ -221,3 +221,15 @@ def test_devices_spread_the_final_fit_and_give_the_sequential_outputs(run, demo,
         assert _state(parallel / "final-fit" / folder)["history"][-1]["steps"] == _state(run / "final-fit" / folder)["history"][-1]["steps"]
     expected = load_arrays(run / "final-fit" / "global" / "knn_index.npz")["embeddings"]
     np.testing.assert_allclose(load_arrays(parallel / "final-fit" / "global" / "knn_index.npz")["embeddings"], expected, rtol=0, atol=1e-4)
+
+
+def test_a_fine_tuned_network_with_a_head_warm_up_replays_both_budgets(demo, tmp_path):
+    """The head warm-up early-stops on valid in the split run, so the final fit replays it too (MODEL/head-warmup/)."""
+    run_dir = tmp_path / "run"
+    train(demo, run_dir, *FINAL_FIT, "--set", "global_model.finetune=full", "--set", "global_model.head_warmup_epochs=2",
+          "--set", "global_model.epochs=3")
+    for folder in ("global", "global/head-warmup"):
+        split, final = _state(run_dir / folder), _state(run_dir / "final-fit" / folder)
+        rounds = [record["epoch"] for record in split["history"]]
+        budget = steps_at_rounds(split["history"], split["steps_per_pass"])[rounds.index(split["best_epoch"])]
+        assert final["finished"] and final["history"][-1]["steps"] == budget, folder

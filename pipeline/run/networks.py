@@ -38,10 +38,10 @@ __all__ = [
     "TrainedNetwork",
     "development_networks",
     "every_kind_settings",
-    "split_run_identity",
     "extra_global_name",
     "extra_global_training",
     "run_networks",
+    "split_run_identity",
 ]
 
 
