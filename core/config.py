@@ -224,10 +224,15 @@ class DevelopmentConfig:
     by category; every network kind trains once per fold on the other folds (a `stopping_fraction`
     of those images held out for early stopping), so every development image gets out-of-fold
     probabilities for the stacker and decision rule, and test probabilities average the fold
-    networks of each kind (K times the network training).
+    networks of each kind (K times the network training). "final_fit": the split run first, exactly
+    as "split"; then every network of the run is trained again on train + valid for the optimizer
+    steps its split run had taken at its best round (its learning rates and unfreezing replayed),
+    and test probabilities come from those networks, with the split run's stacker and decision
+    rule (about twice the network training). A split run switches to final_fit (and back) without
+    retraining anything.
     """
 
-    scheme: Literal["split", "cross_fit"] = "split"
+    scheme: Literal["split", "cross_fit", "final_fit"] = "split"
     folds: int = checked(5, ge=2, le=20, why_above="each fold trains every network once more")
     fold_seed: int = checked(-1, ge=-1, lt=2**32, why="-1: the run's seed; numpy seeds are unsigned 32-bit")
     stopping_fraction: float = checked(0.1, gt=0, lt=0.5)  # of each fold's training images, per category, for early stopping

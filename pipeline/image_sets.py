@@ -66,6 +66,73 @@ class SubsetImages:
         return array.astype(dtype) if dtype is not None else array
 
 
+class ConcatenatedImages:
+    """Several image arrays one after the other (train's rows, then valid's), without copying them.
+
+    The final fit trains on train + valid: as two parts (not one new cache of both), the
+    frozen-backbone feature store finds the features it computed for each split before
+    (`training.image_identity.ConcatenatedRows`).
+    """
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(len(part) for part in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.parts[0].ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = np.arange(len(self))[key]
+        if np.ndim(rows) == 0:
+            part = int(np.searchsorted(self.offsets, rows, side="right")) - 1
+            return self.parts[part][int(rows - self.offsets[part])]
+        rows = np.asarray(rows, dtype=np.int64)
+        result = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        part_of_row = np.searchsorted(self.offsets, rows, side="right") - 1
+        for part in np.unique(part_of_row):
+            chosen = np.flatnonzero(part_of_row == part)
+            result[chosen] = self.parts[part][rows[chosen] - self.offsets[part]]
+        return result
+
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
+        array = self[np.arange(len(self))]
+        return array.astype(dtype) if dtype is not None else array
+
+    def subset(self, indices: np.ndarray) -> "ConcatenatedImages | SubsetImages":
+        """Rows `indices`: per part when they keep the parts' order (a category's members), so each
+        part's features are still found; a plain row subset otherwise."""
+        indices = np.asarray(indices, dtype=np.int64)
+        part_of_row = np.searchsorted(self.offsets, indices, side="right") - 1
+        if np.any(np.diff(part_of_row) < 0):
+            return SubsetImages(self, indices)  # type: ignore[arg-type]
+        return ConcatenatedImages(
+            [SubsetImages(part, indices[part_of_row == position] - self.offsets[position]) for position, part in enumerate(self.parts)]
+        )
+
+
+def _image_rows(images: Any, indices: np.ndarray) -> Any:
+    """Rows of a cached image array (or of train + valid's two) as a view, without copying pixels."""
+    return images.subset(indices) if isinstance(images, ConcatenatedImages) else SubsetImages(images, indices)
+
+
+def concatenated(first: "ImageSet", second: "ImageSet") -> "ImageSet":
+    """`first`'s images, then `second`'s, as one labelled set over the same cached arrays."""
+    concepts = None if first.concept_lists is None or second.concept_lists is None else first.concept_lists + second.concept_lists
+    return ImageSet(list(first.records) + list(second.records), ConcatenatedImages([first.images, second.images]), concepts)  # type: ignore[arg-type]
+
+
 @dataclass
 class ImageSet:
     """One split's usable images: records, their cached pixels, and (when labelled) concepts."""
@@ -86,7 +153,7 @@ class ImageSet:
         indices = np.asarray(indices, dtype=np.int64)
         return ImageSet(
             records=[self.records[i] for i in indices],
-            images=SubsetImages(self.images, indices),  # type: ignore[arg-type]
+            images=_image_rows(self.images, indices),
             concept_lists=None if self.concept_lists is None else [self.concept_lists[i] for i in indices],
         )
 

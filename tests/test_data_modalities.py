@@ -100,7 +100,7 @@ def test_specialists_on_every_image_naming_their_modality():
     import numpy as np
 
     from conceptclef.pipeline.image_sets import ImageSet
-    from conceptclef.pipeline.stages.train_all import _members
+    from conceptclef.pipeline.stages.network_images import category_members as _members
 
     labels = {"a": [CT], "b": [PET, CT], "c": [PET], "d": [CHEST], "e": [MR]}
     (train,) = assign_categories([split("train", labels)], load_config(None))

@@ -124,6 +124,9 @@ def test_cross_fitted_networks_on_flat_2026_data(tmp_path):
     train(data, run_dir, *CROSS_FIT)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert len(manifest["categories"]) > 1  # derived, not one flat category
+    for fold in (0, 1):  # the configured router (one sigmoid per modality CUI), as without folds
+        router = torch.load(run_dir / "folds" / f"fold-{fold}" / "router" / "checkpoint.pt", weights_only=True)
+        assert router.get("router_head") == "modality_cuis"
     out = tmp_path / "submission.csv"
     invoke("predict", "--run", run_dir, "--images", data / "test", "--out", out, "--format", "2025")
     invoke("validate", out, "--images", data / "test")

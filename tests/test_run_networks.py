@@ -153,3 +153,24 @@ def test_a_network_records_the_settings_it_trained_with_and_sees_them_change(tmp
     assert json.loads(network.files.settings_record.read_text())["training"]["learning_rate"] == network.settings.learning_rate
     reseeded = dataclasses.replace(network, run_seed=network.run_seed + 1)
     assert reseeded.settings_changed()
+
+
+def test_final_fit_networks_follow_the_table_in_their_own_folders(tmp_path):
+    from conceptclef.core.config import DevelopmentConfig
+    from conceptclef.pipeline.run.networks import development_networks
+
+    layout = RunLayout(tmp_path)
+    config = dataclasses.replace(_config("global"), development=DevelopmentConfig(scheme="final_fit"))
+    networks = development_networks(layout, config, ["DRCT", "DRXR"])
+    split, final = networks[: len(networks) // 2], networks[len(networks) // 2 :]
+    assert [n.name for n in final] == [n.name for n in split] and not any(n.final_fit for n in split)
+    assert [n.job_name for n in final] == ["router@final-fit", "global@final-fit", "global-big@final-fit", "DRCT@final-fit", "DRXR@final-fit"]
+    assert [n.work_dir.relative_to(tmp_path / "final-fit") for n in final] == [n.work_dir.relative_to(tmp_path) for n in split]
+    # each waits for its split network (the budget) and, a specialist, for the final-fit global model
+    assert final[0].dependency_jobs == ("router",)
+    assert final[3].dependency_jobs == ("DRCT", "global@final-fit")
+    assert final[3].split_network(layout) == split[3]
+    assert final[1].outputs == ("knn_index",) and final[0].outputs == () and split[1].outputs == ("validation_predictions", "train_embeddings")
+    assert final[3].description == "the DRCT model (final fit)"
+    # the final fit's layout reads the run's record of where the categories came from
+    assert layout.final_fit.category_record_path == layout.category_record_path == layout.fold(1).category_record_path

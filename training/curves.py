@@ -29,11 +29,12 @@ def write_training_curves(path: Path, history: list[dict[str, Any]], metric_name
     try:
         loss_axis.plot(epochs, [record["train_loss"] for record in history], marker=".")
         loss_axis.set(title="training loss", xlabel="epoch")
-        metrics = [record["valid_metric"] for record in history]
-        metric_axis.plot(epochs, metrics, marker=".", color="tab:green")
+        validated = [(epoch, record["valid_metric"]) for epoch, record in zip(epochs, history) if "valid_metric" in record]
+        metrics = [metric for _, metric in validated]  # none in a fixed-budget run (training.replay)
+        metric_axis.plot([epoch for epoch, _ in validated], metrics, marker=".", color="tab:green")
         if metrics:
             best = max(range(len(metrics)), key=metrics.__getitem__)
-            metric_axis.scatter([epochs[best]], [metrics[best]], color="tab:red", zorder=3, label=f"best: epoch {epochs[best]}")
+            metric_axis.scatter([validated[best][0]], [metrics[best]], color="tab:red", zorder=3, label=f"best: epoch {validated[best][0]}")
             metric_axis.legend(loc="lower right", fontsize="small")
         metric_axis.set(title=f"validation {metric_name}", xlabel="epoch")
         rates = [record["lr"] for record in history]

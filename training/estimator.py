@@ -38,6 +38,7 @@ from conceptclef.training.feature_registry import shared_feature_store
 from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
 from conceptclef.training.loop import EpochCallback, FitResult, Objective, RunSettings, fit_network, head_warmup_config
+from conceptclef.training.replay import StepReplay
 from conceptclef.training.runtime import progress_enabled, report_training_from_scratch, resolve_device, seed_everything
 
 log = logging.getLogger("conceptclef")
@@ -103,6 +104,7 @@ class NetworkEstimator(Generic[TargetsT]):
         seed: int = 0,
         num_workers: int = 0,
         feature_store: FeatureStore | None = None,
+        replay: StepReplay | None = None,
     ) -> None:
         self.training = training
         self.image_size = image_size
@@ -110,6 +112,7 @@ class NetworkEstimator(Generic[TargetsT]):
         self.seed = seed
         self.num_workers = num_workers
         self.feature_store = feature_store  # None: the process-wide store (memory only)
+        self.replay = replay  # a fixed step budget replaying another run (training.replay): no validation needed
 
     def _store(self) -> FeatureStore:
         return self.feature_store if self.feature_store is not None else shared_feature_store()
@@ -142,7 +145,7 @@ class NetworkEstimator(Generic[TargetsT]):
         work_dir = Path(work_dir)
         check_images(images, self.image_size, f"{self.kind} training images")
         check_images(valid_images, self.image_size, f"{self.kind} validation images")
-        if len(images) == 0 or len(valid_images) == 0:
+        if len(images) == 0 or (len(valid_images) == 0 and self.replay is None):
             raise ValueError(f"{self.kind}: needs at least one training and one validation image (early stopping uses validation)")
         fingerprint = self._fingerprint(classes, targets, valid_targets)
         finished = self._load_finished(work_dir, fingerprint)
@@ -176,14 +179,17 @@ class NetworkEstimator(Generic[TargetsT]):
             summarize=lambda outputs: self._summarize(outputs, valid_targets),
             on_epoch_end=on_epoch_end,
             feature_store=self._store(),
-            warmup_fingerprint=self._fingerprint(classes, targets, valid_targets, head_warmup_config(self.training)),
+            warmup_fingerprint=self._fingerprint(classes, targets, valid_targets, head_warmup_config(self.training), warmup=True),
+            replay=self.replay,
         )
         self.network_, self.device_ = network, device
         self._adopt(classes, result.history, result.best_metric, result.summary)
         return self
 
-    def _fingerprint(self, classes: list[str], targets: Targets, valid_targets: Targets, training: TrainingConfig | None = None) -> str:
-        job = {
+    def _fingerprint(
+        self, classes: list[str], targets: Targets, valid_targets: Targets, training: TrainingConfig | None = None, warmup: bool = False
+    ) -> str:
+        job: dict[str, Any] = {
             "kind": self.kind,
             "training": fingerprinted_settings(training or self.training),
             "image_size": self.image_size,
@@ -192,6 +198,9 @@ class NetworkEstimator(Generic[TargetsT]):
             "train": _targets_digest(targets),
             "valid": _targets_digest(valid_targets),
         }
+        replay = self.replay.warmup if warmup and self.replay is not None else self.replay
+        if replay is not None:  # a fixed budget: the replayed run (and so its steps and schedule) is part of the job
+            job["replay"] = replay.fingerprint
         return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
 
     def _metadata(self, network: ImageClassifier, classes: list[str]) -> dict[str, Any]:

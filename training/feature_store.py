@@ -50,7 +50,7 @@ from conceptclef.training.feature_extraction import (
     compute_features,
     extractor_identity,
 )
-from conceptclef.training.image_identity import ImageSource, RootRows, image_source
+from conceptclef.training.image_identity import ConcatenatedRows, ImageSource, RootRows, image_source
 
 log = logging.getLogger("conceptclef")
 
@@ -138,6 +138,8 @@ class FeatureStore:
         """
         if len(images) == 0:
             return np.zeros((0, network.num_features), dtype=np.float32)
+        if isinstance(images, ConcatenatedRows) and not isinstance(images, np.ndarray):
+            return np.concatenate([self.features(network, part, extraction) for part in images.parts])
         source = image_source(images) if self.retain else None
         if source is None:
             self.rows_computed += len(images)

@@ -36,6 +36,16 @@ class RowSubset(Protocol):
     def __len__(self) -> int: ...
 
 
+@runtime_checkable
+class ConcatenatedRows(Protocol):
+    """Image arrays one after the other (pipeline.image_sets.ConcatenatedImages): each part keeps
+    its own identity, so features already computed for a part are found again."""
+
+    parts: list[Any]
+
+    def __len__(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class ImageSource:
     """An image array seen as rows of a root array that can be identified (and indexed)."""

@@ -27,6 +27,11 @@ optimizer steps, then follows the plateau rule or a cosine over the step budget 
 Early stopping and LR reduction do not start counting while the metric has only ever been 0
 (with thousands of rare concepts, no probability may reach 0.5 for the first epochs).
 
+Fixed budget (`replay`, training.replay): no validation at all; the run takes exactly
+`replay.steps` optimizer steps (the last pass cut short), its learning rate and layer-wise
+unfreezing follow another run's steps, and every round still ends in a resumable checkpoint.
+The final fit on train + valid trains this way.
+
 Distributed (under torchrun, see training.distributed and docs/DISTRIBUTED.md): the trained
 module is wrapped in DistributedDataParallel; each rank trains on its slice of every global batch
 (`batches.batch_sampler`) with its loss scaled by its share of that batch, so the averaged
@@ -40,6 +45,7 @@ every rank reads the resume and best checkpoints after a barrier.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -80,6 +86,7 @@ from conceptclef.training.curves import CURVES_FILE, write_training_curves
 from conceptclef.training.feature_extraction import ExtractionSettings, compute_features
 from conceptclef.training.feature_store import FeatureStore
 from conceptclef.training.inference import Activation, DeviceSettings, run_forward, to_probabilities
+from conceptclef.training.replay import StepReplay
 from conceptclef.training.runtime import (
     capture_rng_state,
     configure_cudnn,
@@ -182,6 +189,7 @@ def fit_network(
     on_epoch_end: EpochCallback | None = None,
     feature_store: FeatureStore | None = None,
     warmup_fingerprint: str | None = None,
+    replay: StepReplay | None = None,
 ) -> FitResult:
     """Train `network` (resuming `work_dir` when it holds this job's unfinished state) and keep the best epoch.
 
@@ -198,6 +206,9 @@ def fit_network(
     computed here for this network alone. In full and layerwise modes with
     `training.head_warmup_epochs`, the head is first trained that way (in `work_dir`/head-warmup)
     and fine-tuning starts from it.
+
+    With `replay` the run has a fixed budget instead (see the module docstring): `valid` may be
+    empty, nothing is validated, and the network ends with the weights of the budget's last step.
     """
     files = RunFiles(work_dir)
     device_settings = DeviceSettings.for_training(settings.device, training)
@@ -212,14 +223,14 @@ def fit_network(
     if training.finetune != "head" and training.head_warmup_epochs > 0:
         warm_start_head(
             network, objective, training, (train, valid), files.work_dir / HEAD_WARMUP_FOLDER, settings, checkpoint_metadata,
-            fingerprint, feature_store, warmup_fingerprint,
+            fingerprint, feature_store, warmup_fingerprint, replay.warmup if replay is not None else None,
         )
         seed_everything(settings.seed)  # fine-tuning starts from the same RNG state whether the head was trained or loaded
     initial_weights = cpu_state_dict(network)  # copies: restored if a resume attempt fails half-way
     wants_sync = training.finetune != "head" and training.batchnorm != "frozen"
     synced = distributed.sync_batch_norm_if_useful(network, settings.device) if wants_sync else None
     try:
-        trainer = Trainer(network, objective, training, files, settings, device_settings, checkpoint_metadata, fingerprint)
+        trainer = Trainer(network, objective, training, files, settings, device_settings, checkpoint_metadata, fingerprint, replay)
         return trainer.fit(train, valid, initial_weights, summarize, on_epoch_end, feature_store)
     finally:
         if synced is not None:
@@ -237,6 +248,7 @@ def warm_start_head(
     fingerprint: str,
     feature_store: FeatureStore | None,
     warmup_fingerprint: str | None = None,
+    replay: StepReplay | None = None,
 ) -> None:
     """Train `network.head` alone on cached features of the untouched backbone and keep its best epoch.
 
@@ -245,6 +257,7 @@ def warm_start_head(
     ordinary head-mode run in `work_dir` (its own checkpoint, curves and resume), so a finished
     warm-up is loaded instead of retrained. `warmup_fingerprint` identifies the warm-up job alone
     (the estimator hashes `head_warmup_config`), so changing only the fine-tuning keeps it.
+    `replay`: the warm-up of a fixed-budget run, replaying the usual run's warm-up.
     """
     head_training = head_warmup_config(training)
     head_fingerprint = warmup_fingerprint or f"{fingerprint}-head-warmup"
@@ -263,7 +276,7 @@ def warm_start_head(
     train, valid = data
     fit_network(
         network, objective, head_training, train, valid, work_dir, head_settings, checkpoint_metadata, head_fingerprint,
-        feature_store=feature_store,
+        feature_store=feature_store, replay=replay,
     )
 
 
@@ -303,6 +316,7 @@ class Trainer:
     device_settings: DeviceSettings
     checkpoint_metadata: dict[str, Any]
     fingerprint: str
+    replay: StepReplay | None = None  # a fixed budget replaying another run's steps (no validation)
     progress: _Progress = field(default_factory=_Progress)
 
     # -- setup --------------------------------------------------------------------------------
@@ -312,11 +326,16 @@ class Trainer:
         per_rank = math.ceil(training.batch_size / distributed.world_size())
         check_shared_memory(self.phase.loader_workers, _batch_bytes(self.phase.train_data, per_rank))
         self.groups = layer_groups(self.network.backbone, fine=training.unfreeze_groups == "fine")
+        self.steps_per_pass = steps_per_epoch(len(self.phase.train_data), training.batch_size)
         self.epochs = planned_epochs(training, len(self.phase.train_data))
+        self.total_steps = self.epochs * self.steps_per_pass
+        if self.replay is not None:  # the passes holding the budget; the cosine spans the replayed run's steps
+            self.epochs = max(1, math.ceil(self.replay.steps / self.steps_per_pass))
+            self.total_steps = self.replay.total_steps
         self.passes_per_round = passes_per_validation(training, len(self.phase.train_data))
         self.rounds = math.ceil(self.epochs / self.passes_per_round)
         self.images_per_pass = sum(training_batch_sizes(len(self.phase.train_data), training.batch_size, distributed.world_size()))
-        self.total_steps = self.epochs * steps_per_epoch(len(self.phase.train_data), training.batch_size)
+        self.unfrozen = -2  # groups unfrozen now (-2: not set yet)
         self.device_augmenter = (
             DeviceAugmenter(training.augment) if training.augment_on_device and training.finetune != "head" else None
         )
@@ -332,8 +351,12 @@ class Trainer:
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=training.lr_reduce_factor, patience=training.lr_reduce_patience
         )
+        replay = self.replay
         self.step_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, training.warmup_steps, self.total_steps, training.schedule)
+            self.optimizer,
+            (lambda step: learning_rate_factor(step, training.warmup_steps, self.total_steps, training.schedule))
+            if replay is None
+            else replay.learning_rate_factor,
         )
         self.scaler = grad_scaler(self.device_settings)
         self.optimizer_steps = 0
@@ -380,8 +403,9 @@ class Trainer:
 
         best_outputs: np.ndarray | None = None
         try:
-            for round_index in range(resumed_at, self.rounds):
-                if _should_stop(self.progress, self.training):
+            # a fixed budget runs until its steps are taken (float16 skipped steps may need one more pass)
+            for round_index in range(resumed_at, self.rounds) if self.replay is None else itertools.count(resumed_at):
+                if _should_stop(self.progress, self.training) or self._budget_spent():
                     break
                 record, outputs, improved = self._run_round(round_index, valid[1])
                 if improved:
@@ -393,6 +417,25 @@ class Trainer:
             self._wrapped = None
         return self._finish(valid[1], best_outputs, summarize)
 
+    def _budget_spent(self) -> bool:
+        return self.replay is not None and self.optimizer_steps >= self.replay.steps
+
+    def _unfreeze(self, round_index: int) -> bool:
+        """Unfreeze the backbone groups of `round_index` (a fixed budget: of the replayed run's round
+        holding the next step), and put newly trainable batch norms in training mode."""
+        if self.training.finetune == "head":
+            return False
+        if self.replay is not None:
+            round_index = self.replay.round_at(self.optimizer_steps)
+        count = self.unfrozen_groups(round_index)
+        if count != self.unfrozen:
+            unfreeze_top_groups(self.network, self.groups, count)
+            if self.unfrozen != -2:  # mid-round: the new groups' batch norms learn from the next step
+                train_mode_except_frozen(self.phase.module, freeze_statistics=self.training.batchnorm == "frozen")
+            self.unfrozen = count
+            return True
+        return False
+
     def _run_round(self, round_index: int, valid_targets: Targets) -> tuple[dict[str, Any], np.ndarray, bool]:
         """Train the passes up to the next validation, validate, update early stopping, save the files.
 
@@ -402,12 +445,13 @@ class Trainer:
         """
         training, settings, progress, objective = self.training, self.settings, self.progress, self.objective
         first = round_index * self.passes_per_round
-        last = min(first + self.passes_per_round, self.epochs)
-        if training.finetune != "head":
-            unfreeze_top_groups(self.network, self.groups, self.unfrozen_groups(round_index))
+        last = first + self.passes_per_round if self.replay is not None else min(first + self.passes_per_round, self.epochs)
+        self._unfreeze(round_index)
         started = time.perf_counter()
         train_loss = self._train_passes(first, last)
         images_per_second = self.images_per_pass * (last - first) / max(time.perf_counter() - started, 1e-9)
+        if self.replay is not None:
+            return self._end_budget_round(last, train_loss, started, images_per_second)
         outputs = self._validate()
         # Every rank holds the same gathered outputs; rank 0's metric makes the decisions identical anyway.
         metric = distributed.broadcast_value(float(objective.metric(outputs, valid_targets)))
@@ -446,6 +490,36 @@ class Trainer:
         )
         return record, outputs, improved
 
+    def _end_budget_round(self, last: int, train_loss: float, started: float, images_per_second: float) -> tuple[dict[str, Any], np.ndarray, bool]:
+        """A fixed-budget round's record and files: no validation; the budget's last round is the "best"."""
+        progress, settings = self.progress, self.settings
+        last = self.passes_done
+        record = {
+            "epoch": last,
+            "train_loss": round(train_loss, 6),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "seconds": round(time.perf_counter() - started, 3),
+            "steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+        }
+        done = self._budget_spent()
+        if done:
+            progress.best_metric, progress.best_epoch = math.nan, last
+        progress.history.append(record)
+        if distributed.is_main_process():
+            if done:
+                save_checkpoint(self.files.best, self._best_payload(last, math.nan))
+            self._save_resume()
+            self.files.write_metrics(progress.history)
+            self.files.write_state(self._state(finished=False))
+        distributed.barrier()
+        _log(
+            settings, "%s epoch %d/%d: loss %.4f, %d of %d steps, lr %.2g, %.1fs (training %.0f images/s)",
+            settings.label, last, self.epochs, train_loss, self.optimizer_steps, self.replay.steps if self.replay else 0,
+            record["lr"], record["seconds"], images_per_second,
+        )
+        return record, np.zeros((0, 0), np.float32), done
+
     def _trained_module(self) -> nn.Module:
         """The module the optimizer steps through: DDP-wrapped when distributed, rebuilt only when
         the set of trainable parameters changes (layer-wise unfreezing), never once per pass."""
@@ -475,7 +549,11 @@ class Trainer:
         loader, sampler = self._loader(shard)
         global_sizes = training_batch_sizes(len(phase.train_data), training.batch_size, shard.world)
         tally = LossTally(settings.device)
+        self.passes_done = first
         for epoch in range(first, last):
+            if self._budget_spent():
+                break
+            self.passes_done = epoch + 1
             sampler.set_pass(_seed_epoch(settings.seed, epoch))
             self._train_one_pass(trained, loader, global_sizes, shard, tally, epoch)
         distributed.average_buffers(phase.module)
@@ -495,6 +573,11 @@ class Trainer:
         settings, device_settings = self.settings, self.device_settings
         bar = tqdm(loader, desc=f"{settings.label} epoch {epoch + 1}/{self.epochs}", disable=not settings.progress, leave=False)
         for step, (inputs, targets, _) in enumerate(bar):
+            if self.replay is not None:
+                if self._budget_spent():
+                    break
+                if self._unfreeze(0):
+                    trained = self._trained_module()
             inputs = inputs.to(settings.device, non_blocking=True)
             if self.device_augmenter is not None:
                 inputs = self.device_augmenter(inputs)
@@ -561,7 +644,7 @@ class Trainer:
     def _step_learning_rate(self) -> None:
         """Advance the per-step schedule: warm-up then hand over to the plateau rule, or cosine to the end."""
         training = self.training
-        if training.schedule == "cosine" or self.step_schedule.last_epoch < training.warmup_steps:
+        if self.replay is not None or training.schedule == "cosine" or self.step_schedule.last_epoch < training.warmup_steps:
             self.step_schedule.step()
 
     def _validate(self) -> np.ndarray:
@@ -674,8 +757,11 @@ class Trainer:
             "metric": self.objective.metric_name,
             "epochs_completed": len(progress.history),
             "best_epoch": progress.best_epoch,
-            "best_metric": progress.best_metric if progress.best_epoch > 0 else None,
+            "best_metric": progress.best_metric if progress.best_epoch > 0 and math.isfinite(progress.best_metric) else None,
             "history": progress.history,
+            # what a final fit replaying this run needs (training.replay): its passes' steps and the cosine's span
+            "steps_per_pass": self.steps_per_pass,
+            "total_steps": self.total_steps,
             **extra,
         }
 
@@ -692,9 +778,9 @@ class Trainer:
         distributed.barrier()  # rank 0's last epoch files are complete (already true after the epoch barrier)
         best = load_checkpoint(files.best)
         self.network.load_state_dict(best["model"])
-        if best_outputs is None:  # the best epoch ran before a resume: recompute its validation outputs
+        if best_outputs is None and self.replay is None:  # the best epoch ran before a resume: recompute its validation outputs
             best_outputs = self._validate()
-        summary = summarize(best_outputs) if summarize is not None else {}
+        summary = summarize(best_outputs) if summarize is not None and best_outputs is not None and self.replay is None else {}
         stopped_early = len(progress.history) < self.rounds
         distributed.barrier()  # every rank has read checkpoint.pt before rank 0 replaces it
         if distributed.is_main_process():

@@ -76,7 +76,9 @@ def resolve_run_config(layout: RunLayout, config_path: Path | None, overrides: S
     Rerunning the command that started a run resumes it. Resuming with a different config would
     mix models trained under two settings, so a resolved config that differs from the saved one
     is refused, except in [ensemble] alone: the stacker and thresholds are re-fitted from the saved
-    predictions then (train-all sees the change through `saved_ensemble_config`). Without
+    predictions then (train-all sees the change through `saved_ensemble_config`); and
+    `development.scheme` between "split" and "final_fit" (the final fit adds networks beside the
+    split run's, which stay as they are). Without
     --config or --set, a resume simply takes the saved config.
     """
     saved = load_config(layout.config_path) if layout.config_path.is_file() else None
@@ -85,13 +87,25 @@ def resolve_run_config(layout: RunLayout, config_path: Path | None, overrides: S
     requested = load_config(config_path) if config_path is not None else (saved or Config())
     if overrides:
         requested = apply_overrides(requested, list(overrides))
-    if saved is not None and requested != saved and dataclasses.replace(requested, ensemble=saved.ensemble) != saved:
+    if saved is not None and requested != saved and _network_settings(requested, saved) != saved:
         given = " ".join([f"--config {config_path}"] * (config_path is not None) + [f"--set {item}" for item in overrides])
         raise ConfigError(
             f"{layout.config_path}: {given} differs from the config this run was started with; "
             "use a new --out directory, or rerun without --config/--set to resume"
         )
     return requested
+
+
+SWITCHABLE_SCHEMES = ("split", "final_fit")  # final_fit only adds networks to a split run, so either way needs no retraining
+
+
+def _network_settings(requested: Config, saved: Config) -> Config:
+    """`requested` with what a resume may change taken from `saved`: [ensemble], and the scheme
+    between split and final_fit."""
+    development = requested.development
+    if development.scheme in SWITCHABLE_SCHEMES and saved.development.scheme in SWITCHABLE_SCHEMES:
+        development = dataclasses.replace(development, scheme=saved.development.scheme)
+    return dataclasses.replace(requested, ensemble=saved.ensemble, development=development)
 
 
 def saved_ensemble_config(layout: RunLayout) -> Any:

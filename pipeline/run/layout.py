@@ -41,6 +41,16 @@ class NetworkFiles:
         return self.folder / "train_embeddings.npz"
 
     @property
+    def knn_index(self) -> Path:
+        """The final-fit global model's kNN index: its embeddings of train + valid and their labels."""
+        return self.folder / "knn_index.npz"
+
+    @property
+    def replay_record(self) -> Path:
+        """A final-fit network's step budget and the split-run network it replays (job fingerprint, best epoch)."""
+        return self.folder / "replay.json"
+
+    @property
     def baseline(self) -> Path:
         return self.folder / "baseline.json"
 
@@ -73,9 +83,14 @@ BACKBONE_PREFIX = "backbone-"
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Every path of one run directory; the on-disk names live here and nowhere else."""
+    """Every path of one run directory; the on-disk names live here and nowhere else.
+
+    A fold's or the final fit's layout (`fold`, `final_fit`) has its own `root` for its networks
+    and keeps the run's (`run_root`) for what the run holds once (categories.json).
+    """
 
     root: Path
+    run_root: Path | None = None  # the run directory, when `root` is a fold's or the final fit's folder
 
     @property
     def config_path(self) -> Path:
@@ -98,7 +113,7 @@ class RunLayout:
     @property
     def category_record_path(self) -> Path:
         """Where the categories came from and images per category (pipeline.run.category_record)."""
-        return self.root / "categories.json"
+        return (self.run_root or self.root) / "categories.json"
 
     @property
     def router_dir(self) -> Path:
@@ -125,7 +140,14 @@ class RunLayout:
     def fold(self, fold: int) -> "RunLayout":
         """The layout of one fold's networks (`[development] scheme = "cross_fit"`): RUN/folds/fold-<k>/,
         holding router/, global/, ... and ensemble/knn_index.npz (the fold global model's index)."""
-        return RunLayout(self.root / "folds" / f"fold-{fold}")
+        return RunLayout(self.root / "folds" / f"fold-{fold}", self.run_root or self.root)
+
+    @property
+    def final_fit(self) -> "RunLayout":
+        """The layout of the final-fit networks (`[development] scheme = "final_fit"`): RUN/final-fit/,
+        holding router/, global/ (with knn_index.npz), global-<NAME>/, category-<NAME>/, each the
+        split-run network of the same relative folder trained again on train + valid."""
+        return RunLayout(self.root / "final-fit", self.run_root or self.root)
 
     @property
     def out_of_fold_dir(self) -> Path:

@@ -26,6 +26,7 @@ from conceptclef.core.runfiles import read_json
 from conceptclef.pipeline.run.layout import NetworkFiles, RunLayout
 from conceptclef.pipeline.run.specialist_init import started_from_current_global, starts_from_global
 from conceptclef.router import router_class_for
+from conceptclef.training.checkpoints import RunFiles
 from conceptclef.training.estimator import fingerprinted_settings
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "extra_global_name",
     "extra_global_training",
     "run_networks",
+    "split_run_identity",
 ]
 
 
@@ -96,6 +98,7 @@ class Network:
     seed: int | None = None  # seeds its init, shuffling and augmentation; None: the run's seed
     fold: int | None = None  # cross_fit: trains on the other folds and predicts this one (RUN/folds/fold-<k>/)
     run_seed: int = 0  # the run's seed (what `seed` None stands for)
+    final_fit: bool = False  # final_fit: the split-run network of the same name, trained again on train + valid (RUN/final-fit/)
 
     @property
     def role(self) -> Role:
@@ -103,17 +106,37 @@ class Network:
 
     @property
     def job_name(self) -> str:
-        """Unique across the run: its name, with the fold for a fold network ("global@fold-2")."""
+        """Unique across the run: its name, with the fold for a fold network ("global@fold-2") and
+        the final fit for a final-fit network ("global@final-fit")."""
+        if self.final_fit:
+            return f"{self.name}@{FINAL_FIT_SUFFIX}"
         return self.name if self.fold is None else f"{self.name}@fold-{self.fold}"
 
     @property
     def dependency_jobs(self) -> tuple[str, ...]:
-        """The job names of the networks it depends on (in its own fold)."""
+        """The job names of the networks it depends on (in its own fold; a final-fit network also
+        on its split-run network, whose steps it replays)."""
+        if self.final_fit:
+            return (self.name, *(f"{name}@{FINAL_FIT_SUFFIX}" for name in self.depends_on))
         return tuple(name if self.fold is None else f"{name}@fold-{self.fold}" for name in self.depends_on)
 
     def layout(self, run: RunLayout) -> RunLayout:
-        """The layout its paths live in: the run's, or its fold's."""
+        """The layout its paths live in: the run's, its fold's or the final fit's."""
+        if self.final_fit:
+            return run.final_fit
         return run if self.fold is None else run.fold(self.fold)
+
+    def split_network(self, run: RunLayout) -> "Network":
+        """A final-fit network's split-run network: the same entry in the run's own folders."""
+        return dataclasses.replace(self, final_fit=False, work_dir=run.root / self.work_dir.relative_to(run.final_fit.root))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """`NetworkFiles` fields that exist once it has finished: its kind's; a final-fit network
+        predicts nothing for the stacker, its global model keeps the test kNN index."""
+        if not self.final_fit:
+            return self.kind.outputs
+        return ("knn_index",) if self.role is Role.GLOBAL else ()
 
     @property
     def settings_record(self) -> dict[str, Any]:
@@ -146,6 +169,8 @@ class Network:
         """How errors name it: "the router", "the global model", "the extra global model global-b", "the DRCT model"."""
         if self.fold is not None:
             return f"{dataclasses.replace(self, fold=None).description} of fold {self.fold}"
+        if self.final_fit:
+            return f"{dataclasses.replace(self, final_fit=False).description} (final fit)"
         if self.role is Role.ROUTER:
             return "the router"
         if self.role is Role.GLOBAL:
@@ -160,12 +185,17 @@ class Network:
 
     def is_finished(self) -> bool:
         """Trained, and its outputs for the stacker are saved (what train-all leaves)."""
-        return self.is_trained() and all(getattr(self.files, output).is_file() for output in self.kind.outputs)
+        return self.is_trained() and all(getattr(self.files, output).is_file() for output in self.outputs)
 
     def outdated_reason(self, layout: RunLayout) -> str | None:
         """Why a trained network no longer matches what it depends on (None: it does); `layout` is the run's."""
         if "global" in self.depends_on and not started_from_current_global(self.layout(layout), self.work_dir):
             return "started from an older global model"
+        if self.final_fit:
+            record = self.files.replay_record
+            split_dir = self.split_network(layout).work_dir
+            if not record.is_file() or read_json(record).get("split_run") != split_run_identity(split_dir):
+                return f"its split-run network {split_dir} changed since (another step budget)"
         return None
 
     def stale_reason(self, layout: RunLayout, retraining: Collection[str] = ()) -> str | None:
@@ -182,21 +212,42 @@ class Network:
 
 
 def development_networks(layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str] = ()) -> list[Network]:
-    """Every network the run trains: `run_networks`, or with `[development] scheme = "cross_fit"`
-    the same table once per fold (fold 0's networks first)."""
+    """Every network the run trains: `run_networks`; with `[development] scheme = "cross_fit"`
+    the same table once per fold (fold 0's networks first); with "final_fit" the table, then its
+    final-fit networks."""
+    if config.development.scheme == "final_fit":
+        return run_networks(layout, config, categories, without_model) + run_networks(layout, config, categories, without_model, final_fit=True)
     if config.development.scheme != "cross_fit":
         return run_networks(layout, config, categories, without_model)
     return [network for fold in range(config.development.folds) for network in run_networks(layout, config, categories, without_model, fold)]
 
 
 def run_networks(
-    layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str] = (), fold: int | None = None
+    layout: RunLayout,
+    config: Config,
+    categories: Sequence[str],
+    without_model: Collection[str] = (),
+    fold: int | None = None,
+    final_fit: bool = False,
 ) -> list[Network]:
     """The run's networks in training order: router, global, extra global models, then one per
     category (but those in `without_model`, which use the global model); with `fold`, that
-    fold's networks (in RUN/folds/fold-<k>/)."""
-    networks = _networks(layout if fold is None else layout.fold(fold), config, categories, without_model)
-    return [dataclasses.replace(network, fold=fold, run_seed=config.seed) for network in networks]
+    fold's networks (in RUN/folds/fold-<k>/); with `final_fit`, the final-fit networks (in RUN/final-fit/)."""
+    where = layout.final_fit if final_fit else layout if fold is None else layout.fold(fold)
+    networks = _networks(where, config, categories, without_model)
+    return [dataclasses.replace(network, fold=fold, run_seed=config.seed, final_fit=final_fit) for network in networks]
+
+
+FINAL_FIT_SUFFIX = "final-fit"  # job names of final-fit networks: "global@final-fit"
+
+
+def split_run_identity(work_dir: Path) -> dict[str, Any] | None:
+    """What a final fit's budget depends on in its split-run network: the job fingerprint and best
+    epoch of its finished run (None: a network with no training run, the one-category router)."""
+    state = RunFiles(work_dir).read_state()
+    if not state:
+        return None
+    return {"fingerprint": state.get("fingerprint"), "best_epoch": state.get("best_epoch")}
 
 
 def _networks(layout: RunLayout, config: Config, categories: Sequence[str], without_model: Collection[str]) -> list[Network]:

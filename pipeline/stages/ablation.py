@@ -186,6 +186,11 @@ def run_ablation(
         labelled = _test_outputs(layout, manifest, config, vocabulary, Path(images_dir), Path(truth_path), categories_path)
         rows, stacked_probs = _test_rows(config, vocabulary, validation, labelled, ensemble)
         source = f"{images_dir}"
+        if config.development.scheme == "final_fit":
+            source += (
+                " (final fit: every row scores the networks retrained on train + valid; the tuned thresholds, stacker and "
+                "decision rule are the split run's, fitted on its networks' valid outputs)"
+            )
     group_names = labelled.true_categories or router_choice(labelled.outputs)
     table = _score_table(rows, labelled, group_names, list(vocabulary.cuis))
     secondary_table = secondary_by_group(rows, labelled, group_names, list(vocabulary.cuis))

@@ -38,6 +38,7 @@ from conceptclef.training.feature_registry import feature_store_for
 
 if TYPE_CHECKING:
     from conceptclef.pipeline.stages.cross_fit import CrossFitModels
+    from conceptclef.pipeline.stages.final_fit import FinalFitModels
 
 log = logging.getLogger("conceptclef")
 
@@ -55,10 +56,10 @@ class RunModels:
     extra_global_models: dict[str, ConceptModel] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def load(cls, layout: RunLayout, manifest: Manifest, config: Config, fold: int | None = None) -> "RunModels":
-        """Every network of the run's table (of one fold's, for cross-fitted networks), each checked
-        to be trained, current and on the run's vocabulary."""
-        networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories, fold)
+    def load(cls, layout: RunLayout, manifest: Manifest, config: Config, fold: int | None = None, final_fit: bool = False) -> "RunModels":
+        """Every network of the run's table (of one fold's, for cross-fitted networks; the final-fit
+        networks with `final_fit`), each checked to be trained, current and on the run's vocabulary."""
+        networks = run_networks(layout, config, manifest.categories, manifest.fallback_categories, fold, final_fit)
         for network in networks:
             if not network.is_trained():
                 raise RunDirectoryError(f"{network.work_dir}: {network.description} is not trained; rerun train-all")
@@ -114,9 +115,13 @@ class RunModels:
         )
 
 
-def load_run_models(layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels | CrossFitModels":
-    """The networks `predict` runs: the run's table, or with cross-fitted networks every fold's
-    (their outputs averaged)."""
+def load_run_models(layout: RunLayout, manifest: Manifest, config: Config) -> "RunModels | CrossFitModels | FinalFitModels":
+    """The networks `predict` runs: the run's table, with cross-fitted networks every fold's
+    (their outputs averaged), with the final fit the final-fit networks (trained on train + valid)."""
+    if config.development.scheme == "final_fit":
+        from conceptclef.pipeline.stages.final_fit import FinalFitModels  # it builds on RunModels
+
+        return FinalFitModels.load(layout, manifest, config)
     if config.development.scheme == "cross_fit":
         from conceptclef.pipeline.stages.cross_fit import CrossFitModels  # it builds on RunModels
 

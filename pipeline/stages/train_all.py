@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from conceptclef.core.config import Config, ConfigError, TrainingConfig
 from conceptclef.core.memory import release_freed_memory
 from conceptclef.core.runfiles import atomic_write_json, read_json
@@ -26,7 +24,6 @@ from conceptclef.data.errors import DataError
 from conceptclef.data.modalities import UNROUTED
 from conceptclef.data.vocabulary import ConceptVocabulary
 from conceptclef.pipeline.stages.train_networks import train_concept_model, train_router
-from conceptclef.data.modalities import ModalityMapping
 from conceptclef.pipeline.run.category_record import categories_from_labels, write_category_record
 from conceptclef.pipeline.run.fingerprint import DataFingerprint, check_data_unchanged
 from conceptclef.pipeline.image_sets import ImageSet, config_at_image_size, load_training_sets, routable_categories, same_images
@@ -46,7 +43,12 @@ from conceptclef.pipeline.run.lock import check_run_directory_writable, run_lock
 from conceptclef.pipeline.run.networks import Network, Role, development_networks, every_kind_settings, extra_global_name
 from conceptclef.pipeline.stages.cross_fit import cross_fitted, development_set, fit_cross_fitted_ensemble, fold_image_rows
 from conceptclef.pipeline.run.specialist_init import specialist_training
+from conceptclef.pipeline.stages.final_fit import record_final_fit, step_replay
+from conceptclef.pipeline.stages.network_images import TrainingImages, category_members, final_fit_images, specialist_mapping, split_images
 from conceptclef.pipeline.stages.stacking import fit_ensemble
+from conceptclef.training.replay import StepReplay
+from conceptclef.category_models import ConceptModel
+from conceptclef.router import ModalityRouter, SingleCategoryRouter
 from conceptclef.training.runtime import seed_everything
 
 log = logging.getLogger("conceptclef")
@@ -119,7 +121,7 @@ def _train_all_locked(
     # train in any order or at the same time (--devices) while only this process writes the manifest.
     jobs = _pending_models(layout, manifest, config, stages, categories, teaching, deciding, global_vocabulary)
     manifest.save(layout)
-    if jobs:
+    if any(not job.network.final_fit for job in jobs):  # the final fit feeds test only: the ensemble stays
         manifest.forget_finished(["ensemble"], layout)
     if devices:
         _train_in_parallel(jobs, devices, layout, Path(data_dir), cache_dir, config, train, valid)
@@ -198,7 +200,7 @@ def _pending_models(
                 )
         if network.is_finished():
             log.warning("%s: %s; it is retrained", network.job_name, reason)
-        images = len(_members(train, network.category, _specialist_mapping(config, layout))) if network.category is not None else len(train.records)
+        images = len(category_members(train, network.category, specialist_mapping(config, layout))) if network.category is not None else len(train.records)
         jobs.append(ModelJob(network, vocabulary, images))
     return jobs
 
@@ -209,63 +211,61 @@ def train_model(job: ModelJob, layout: RunLayout, config: Config, train: ImageSe
     `data_dir` is needed only by a network at another image size than the run's (its own image
     cache) and by a fold network (the development images' cache). A network records the settings
     it trained with (`settings.json`), which `Network.stale_reason` compares with the config's.
+    A final-fit network trains on train + valid for its split-run network's step budget.
     """
     network = job.network
     if network.fold is not None:
         if data_dir is None:
             raise ValueError(f"{network.job_name}: a fold network needs the data folder (its image cache)")
+        if network.image_size != config.data.image_size:  # refused before training by _check_cross_fit
+            raise ConfigError(f"{network.settings_key}.image_size: cross-fitted networks train at the run's image size only")
         development = development_set(train, valid, config, image_cache_dir(data_dir, config, layout))
         rows = fold_image_rows(config, development, network.fold)
         images = TrainingImages(
             development.subset(rows.fit), development.subset(rows.stopping), development.subset(rows.held_out), development.subset(rows.training)
         )
     else:
-        images = TrainingImages(train, valid, valid, train)
-    _train_on(job, network.layout(layout), config, images, data_dir)
+        if network.image_size != config.data.image_size:
+            train, valid = _at_image_size(network, config, train, valid, data_dir)
+        images = final_fit_images(train, valid) if network.final_fit else split_images(train, valid)
+    replay = step_replay(network, layout) if network.final_fit else None
+    model = _train_on(job, network.layout(layout), config, images, replay)
+    if network.final_fit:
+        record_final_fit(network, layout, replay, model, images.index, job.vocabulary)
     if is_main_process():
         atomic_write_json(network.files.settings_record, network.settings_record)
 
 
-@dataclass(frozen=True)
-class TrainingImages:
-    """The images one network sees: it learns from `fit`, early-stops on `stopping`, saves its
-    predictions on `predicted` (the stacker's inputs) and, the global model, embeds `index` (the
-    kNN index). Split scheme: train, valid, valid, train; a fold network: its fold's fit and
-    stopping rows, its held-out fold, and fit + stopping."""
-
-    fit: ImageSet
-    stopping: ImageSet
-    predicted: ImageSet
-    index: ImageSet
+def _at_image_size(network: Network, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path | None) -> tuple[ImageSet, ImageSet]:
+    """train and valid at the network's own image size (an extra global model), from its own image cache."""
+    if data_dir is None:
+        raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
+    resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size), announce=False)
+    return same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
 
 
-def _train_on(job: ModelJob, layout: RunLayout, config: Config, images: TrainingImages, data_dir: Path | None) -> None:
+def _train_on(
+    job: ModelJob, layout: RunLayout, config: Config, images: TrainingImages, replay: StepReplay | None
+) -> ConceptModel | ModalityRouter | SingleCategoryRouter:
+    """Train the job's network on `images` (`replay`: the final fit's budget); returns the fitted model."""
     network = job.network
     train, valid = images.fit, images.stopping
     if network.role is Role.ROUTER:
-        train_router(layout, config, train, valid, images.predicted)
-        return
+        return train_router(layout, config, train, valid, images.predicted, replay)
     assert job.vocabulary is not None
-    if network.image_size != config.data.image_size:
-        if network.fold is not None:  # refused before training by _check_cross_fit
-            raise ConfigError(f"{network.settings_key}.image_size: cross-fitted networks train at the run's image size only")
-        if data_dir is None:
-            raise ValueError(f"{network.name}: a network at {network.image_size} px needs the data folder")
-        resized_train, resized_valid = load_training_sets(data_dir, config_at_image_size(config, network.image_size), announce=False)
-        train, valid = same_images(train, resized_train, data_dir), same_images(valid, resized_valid, data_dir)
-        images = TrainingImages(train, valid, valid, train)  # the split scheme's sets, at its size
     if network.category is None:
-        train_concept_model(
+        return train_concept_model(
             network.work_dir, config, train, job.vocabulary, valid, images.predicted,
             train_all_images=images.index, is_global=network.role is Role.GLOBAL, settings=network.settings, image_size=network.image_size,
-            seed=network.seed,
+            seed=network.seed, replay=replay,
         )
-        return
-    by_modality = _specialist_mapping(config, layout)
-    category_train = train.subset(_members(train, network.category, by_modality))
-    category_valid = valid.subset(_members(valid, network.category, by_modality))
+    by_modality = specialist_mapping(config, layout)
+    category_train = train.subset(category_members(train, network.category, by_modality))
+    category_valid = valid.subset(category_members(valid, network.category, by_modality))
     settings = specialist_training(config, layout, network.work_dir) if network.depends_on else network.settings
-    train_concept_model(network.work_dir, config, category_train, job.vocabulary, category_valid, images.predicted, settings=settings)
+    return train_concept_model(
+        network.work_dir, config, category_train, job.vocabulary, category_valid, images.predicted, settings=settings, replay=replay
+    )
 
 
 def _train_in_sequence(jobs: list[ModelJob], layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, data_dir: Path) -> None:
@@ -418,30 +418,13 @@ def _plan_stages(categories: list[str], only: Sequence[str] | None, extra_global
     return set(only)
 
 
-def _members(image_set: ImageSet, category: str, by_modality: ModalityMapping | None = None) -> np.ndarray:
-    """The images a category model learns from: its category's, and with `by_modality` (flat data,
-    `categories.specialist_images = "modality"`) every image naming its modality too (a PET/CT image
-    trains the PET and the CT model; the combined category keeps its own images)."""
-    own = np.array([str(c) for c in image_set.categories]) == category
-    if by_modality is not None and category != by_modality.several and image_set.concept_lists is not None:
-        own |= np.array([by_modality.names_category(cuis, category) for cuis in image_set.concept_lists], dtype=bool)
-    return np.flatnonzero(own)
-
-
-def _specialist_mapping(config: Config, layout: RunLayout) -> ModalityMapping | None:
-    """The modality mapping when category models train on every image naming their modality (else None)."""
-    if config.categories.specialist_images != "modality" or not categories_from_labels(layout):
-        return None
-    return ModalityMapping.from_config(config.categories)
-
-
 def _decide_category(
     layout: RunLayout, manifest: Manifest, config: Config, category: str, train: ImageSet, valid: ImageSet
 ) -> ConceptVocabulary | None:
     """The category model's vocabulary, or None when the category uses the global model; recorded in the manifest."""
-    by_modality = _specialist_mapping(config, layout)
-    members = _members(train, category, by_modality)
-    valid_members = _members(valid, category, by_modality)
+    by_modality = specialist_mapping(config, layout)
+    members = category_members(train, category, by_modality)
+    valid_members = category_members(valid, category, by_modality)
     vocabulary = ConceptVocabulary.from_concept_lists(train.subset(members).known_concepts, min_count=config.data.min_concept_count)
     only_category = len(manifest.categories) == 1
     too_few = only_category or len(members) < config.data.min_category_images or len(valid_members) == 0 or len(vocabulary) == 0

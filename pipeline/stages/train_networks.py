@@ -28,6 +28,7 @@ from conceptclef.router import ModalityRouter, SingleCategoryRouter, router_clas
 from conceptclef.router.modality_cuis import ModalityCuiRouter
 from conceptclef.scoring.baselines import majority_class_accuracy, most_frequent_concepts_f1
 from conceptclef.training.feature_registry import feature_store_for
+from conceptclef.training.replay import StepReplay
 
 log = logging.getLogger("conceptclef")
 
@@ -61,12 +62,13 @@ class ModelPredictions:
 
 
 def train_router(
-    layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, predicted: ImageSet | None = None
+    layout: RunLayout, config: Config, train: ImageSet, valid: ImageSet, predicted: ImageSet | None, replay: StepReplay | None = None
 ) -> ModalityRouter | SingleCategoryRouter:
     """Train the router (nothing to train for a single category) and save its probabilities on
-    `predicted` (default: the validation images, which also early-stop it)."""
+    `predicted` (the stacker's inputs: the validation images, or a fold's held-out images). The
+    final fit gives `replay` (a fixed budget), an empty `valid` and no `predicted`: nothing is saved
+    but the model."""
     work_dir = layout.router_dir
-    all_valid = valid if predicted is None else predicted
     train, valid = routed_subset(train), routed_subset(valid)  # images without a derived category teach no class
     train_categories, valid_categories = [str(c) for c in train.categories], [str(c) for c in valid.categories]
     single = router_class_for(sorted(set(train_categories))) is SingleCategoryRouter
@@ -77,7 +79,7 @@ def train_router(
     elif config.categories.modality_model == "cuis" and categories_from_labels(layout):
         mapping = ModalityMapping.from_config(config.categories)
         cui_router = ModalityCuiRouter(
-            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data), replay
         )
         router = cui_router.fit_cuis(
             train.images, train.known_concepts, valid.images, valid.known_concepts, mapping.cuis_by_category(),
@@ -86,9 +88,12 @@ def train_router(
         log.info("router: one sigmoid per modality CUI (%s), categories read from them", ", ".join(cui_router.cuis_))
     else:
         modality_router = ModalityRouter(
-            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data)
+            config.router, config.data.image_size, config.device, config.seed, config.data.num_workers, feature_store_for(config.data), replay
         )
         router = modality_router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
+    if predicted is None:
+        return router  # the final fit: nothing held out to predict
+    all_valid = predicted
     log.info("router: predicting the %d validation images%s", len(all_valid.records), " and their mirrors (flip_tta)" if config.router.flip_tta else "")
     probs = tta.predict_proba(router, all_valid.images)  # the stacker needs the router's view of every image
     ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(RunLayout.files(work_dir).validation_predictions)
@@ -151,19 +156,21 @@ def train_concept_model(
     training: "ImageSet",
     vocabulary: ConceptVocabulary,
     valid_for_stopping: ImageSet,
-    valid_all: ImageSet,
+    valid_all: ImageSet | None,
     train_all_images: ImageSet | None = None,
     is_global: bool = False,
     settings: TrainingConfig | None = None,
     image_size: int | None = None,
     seed: int | None = None,
+    replay: StepReplay | None = None,
 ) -> ConceptModel:
     """Train one concept model; save its probabilities on all validation images.
 
     The global model also saves embeddings of the training images (the kNN index) and of the
     validation images (kNN queries), from the same forward passes as its probabilities.
     `settings`, `image_size` and `seed` replace the config's for a specialist started from the
-    global model or an extra global model (None: the config's).
+    global model or an extra global model (None: the config's). The final fit gives `replay` (a
+    fixed budget), an empty `valid_for_stopping` and no `valid_all`: nothing is saved but the model.
     """
     if settings is None:
         settings = config.global_model if is_global else config.category_model
@@ -171,10 +178,12 @@ def train_concept_model(
         vocabulary.save(RunLayout.files(work_dir).vocabulary)
     model = ConceptModel(
         settings, image_size or config.data.image_size, config.device, config.seed if seed is None else seed, config.data.num_workers,
-        feature_store_for(config.data),
+        feature_store_for(config.data), replay,
     )
     train_labels, stopping_labels = training.labels(vocabulary), valid_for_stopping.labels(vocabulary)
     model.fit(training.images, train_labels, list(vocabulary.cuis), valid_for_stopping.images, stopping_labels, work_dir)
+    if valid_all is None:
+        return model
     log.info("%s: predicting the %d validation images%s", work_dir.name, len(valid_all.records), " and their mirrors (flip_tta)" if settings.flip_tta else "")
     probs, embeddings = tta.predict_proba_and_embed(model, valid_all.images)
     ModelPredictions(valid_all.image_ids, probs.astype(np.float32), embeddings.astype(np.float32) if is_global else None).save(
