@@ -93,10 +93,9 @@ def train_router(
         router = modality_router.fit(train.images, train_categories, valid.images, valid_categories, work_dir)
     if predicted is None:
         return router  # the final fit: nothing held out to predict
-    all_valid = predicted
-    log.info("router: predicting the %d validation images%s", len(all_valid.records), " and their mirrors (flip_tta)" if config.router.flip_tta else "")
-    probs = tta.predict_proba(router, all_valid.images)  # the stacker needs the router's view of every image
-    ModelPredictions(all_valid.image_ids, probs.astype(np.float32)).save(RunLayout.files(work_dir).validation_predictions)
+    log.info("router: predicting the %d validation images%s", len(predicted.records), " and their mirrors (flip_tta)" if config.router.flip_tta else "")
+    probs = tta.predict_proba(router, predicted.images)  # the stacker needs the router's view of every image
+    ModelPredictions(predicted.image_ids, probs.astype(np.float32)).save(RunLayout.files(work_dir).validation_predictions)
     if router.confusion_ is not None:  # a fitted router always has one
         _write_confusion(work_dir, router.categories_, router.confusion_)
     if single:  # no trained router to hold against a baseline
