@@ -33,6 +33,7 @@ from conceptclef.training.backbones import create_network  # noqa: E402
 from conceptclef.training.batches import ImageBatches, batch_loader, batch_sampler, training_batch_sizes  # noqa: E402
 from conceptclef.training.distributed import Shard, SyncBatchNormSwap, shard_indices  # noqa: E402
 from conceptclef.training.inference import DeviceSettings, assemble, run_forward  # noqa: E402
+from conceptclef.training.replay import StepReplay  # noqa: E402
 from synthetic_images import class_concepts, colour_coded_images  # noqa: E402
 
 CONFIG = load_config(ROOT / "configs" / "test.toml")
@@ -123,6 +124,27 @@ def full_batch_norm_scenario(work_dir: Path) -> dict[str, np.ndarray]:
     return _router_scenario("test_resnet", work_dir)
 
 
+# The final fit's fixed budget: 7 steps at batch 16 over 69 train + valid images (5 steps a pass,
+# the second pass cut short), plateau cuts replayed at steps 3 and 6, no validation images at all.
+BUDGET = StepReplay(
+    steps=7, total_steps=9, warmup_steps=0, schedule="plateau", round_ends=(3, 6, 9), round_scales=(1.0, 0.5, 0.25), source="usual"
+)
+
+
+def fixed_budget_scenario(work_dir: Path) -> dict[str, np.ndarray]:
+    """A fine-tuned group-norm router trained for a fixed step budget on train + valid (the final fit)."""
+    images, categories, valid_images, valid_categories = _router_data()
+    training = dataclasses.replace(FULL, backbone="test_efficientnet_gn")
+    both = np.concatenate([images, valid_images])
+    router = ModalityRouter(training, SIZE, "cpu", seed=2, replay=BUDGET).fit(both, categories + valid_categories, both[:0], [], work_dir)
+    return {
+        "probabilities": router.predict_proba(valid_images),
+        "train_loss": np.array([row["train_loss"] for row in router.history_]),
+        "steps": np.array([row["steps"] for row in router.history_]),
+        "lr": np.array([row["lr"] for row in router.history_]),
+    }
+
+
 def gather_scenario(work_dir: Path) -> dict[str, np.ndarray]:
     """7 rows on 2 ranks: raw all_gather_rows of the shards, and a sharded forward pass over them."""
     shard = distributed.shard_for(GATHER_ROWS)
@@ -141,6 +163,7 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
     "full_group_norm": full_group_norm_scenario,
     "layerwise_group_norm": layerwise_group_norm_scenario,
     "full_batch_norm": full_batch_norm_scenario,
+    "fixed_budget": fixed_budget_scenario,
 }
 
 
@@ -347,6 +370,20 @@ def test_full_fine_tuning_with_per_rank_batch_norm_stays_close_to_one_process(tw
     assert np.mean(distributed_probabilities.argmax(1) == single_probabilities.argmax(1)) >= 1 - BATCH_NORM_TOLERANCE
     np.testing.assert_allclose(ranks[0]["train_loss"], single["train_loss"], rtol=BATCH_NORM_TOLERANCE)
     assert abs(ranks[0]["valid_metric"][-1] - single["valid_metric"][-1]) <= BATCH_NORM_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_fixed_budget_on_two_ranks_takes_the_same_steps_and_weights_as_one_process(two_ranks, tmp_path):
+    """The final fit under torchrun: both ranks stop at the same step, with no validation set to shard."""
+    ranks = _ranks(two_ranks, "fixed_budget")
+    _assert_every_rank_has_the_same_result(ranks)
+    single = _single("fixed_budget", tmp_path)
+    assert ranks[0]["steps"].tolist() == single["steps"].tolist() == [5, 7]
+    np.testing.assert_allclose(ranks[0]["lr"], [FULL.learning_rate * 0.5, FULL.learning_rate * 0.25])
+    np.testing.assert_allclose(ranks[0]["train_loss"], single["train_loss"], atol=1e-4)
+    np.testing.assert_allclose(ranks[0]["probabilities"], single["probabilities"], atol=1e-4)
+    state = json.loads((two_ranks / "fixed_budget" / "state.json").read_text())
+    assert state["finished"] and state["history"][-1]["steps"] == BUDGET.steps
 
 
 if __name__ == "__main__":
