@@ -123,3 +123,19 @@ def write_real_scans_in_formats(real_radiology_images: dict[str, Path], folder: 
 def real_radiology_formats(real_radiology_images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Suffix -> a real scan saved in that format (TIFF, WebP, BMP, GIF, PNG, JPEG; .tiff is 16-bit)."""
     return write_real_scans_in_formats(real_radiology_images, tmp_path_factory.mktemp("formats"))
+
+
+@pytest.fixture(scope="module")
+def device_worker_threads():
+    """The torch threads of one of two `--devices` workers, for a whole module that compares a
+    parallel run with a sequential one: 2 threads against 1 reduce float sums in another order, and
+    Adam's first steps, which move every weight by about the learning rate whatever the gradient's
+    size, can turn that last-bit difference into 0.02 in a network's probabilities."""
+    import torch
+
+    from conceptclef.pipeline.devices.workers import threads_per_worker
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads_per_worker(2))
+    yield
+    torch.set_num_threads(previous)

@@ -19,7 +19,8 @@ from cli_helpers import REPO, TEST_CONFIG, invoke, train
 from conceptclef.core.runfiles import map_arrays
 from conceptclef.data.demo import make_demo_dataset
 
-pytestmark = pytest.mark.slow
+# The sequential reference runs with a --devices worker's threads (conftest.device_worker_threads).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("device_worker_threads")]
 
 CROSS_FIT = ("--set", "development.scheme=cross_fit", "--set", "development.folds=2")
 
@@ -32,7 +33,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(demo, tmp_path_factory) -> Path:
+def run(demo, tmp_path_factory, device_worker_threads) -> Path:
     run_dir = tmp_path_factory.mktemp("cf-run") / "run"
     train(demo, run_dir, *CROSS_FIT)
     return run_dir

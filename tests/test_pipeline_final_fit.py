@@ -21,7 +21,8 @@ from cli_helpers import REPO, TEST_CONFIG, invoke, train
 from conceptclef.core.runfiles import load_arrays
 from conceptclef.training.replay import steps_at_rounds
 
-pytestmark = pytest.mark.slow
+# The sequential reference runs with a --devices worker's threads (conftest.device_worker_threads).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("device_worker_threads")]
 
 FINAL_FIT = ("--set", "development.scheme=final_fit")
 SPLIT = ("--set", "development.scheme=split")
@@ -37,7 +38,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(demo, tmp_path_factory) -> Path:
+def run(demo, tmp_path_factory, device_worker_threads) -> Path:
     run_dir = tmp_path_factory.mktemp("ff-run") / "run"
     train(demo, run_dir, *FINAL_FIT)
     return run_dir

@@ -19,11 +19,12 @@ from cli_helpers import TEST_CONFIG, invoke, run_cli, train
 from conceptclef.pipeline.devices.workers import ParallelTrainingError, run_on_devices, threads_per_worker
 
 CATEGORIES = ["DRAN", "DRCO", "DRCT", "DRMR", "DRPE", "DRUS", "DRXR"]
-# Workers use 1 CPU thread each where the sequential run uses every core, so float reductions run
-# in another order: observed differences are ~1e-6; anything above 1e-4 would be a real change.
+# The sequential run uses a worker's thread count (conftest.device_worker_threads), so float
+# reductions run in the same order: observed differences are ~1e-7; above 1e-4 is a real change.
 TOLERANCE = 1e-4
 
-pytestmark = pytest.mark.slow
+# The sequential reference runs with a --devices worker's threads (conftest.device_worker_threads).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("device_worker_threads")]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     from conceptclef.data.demo import make_demo_dataset
@@ -34,7 +35,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sequential_run(demo, tmp_path_factory) -> Path:
+def sequential_run(demo, tmp_path_factory, device_worker_threads) -> Path:
     run = tmp_path_factory.mktemp("sequential") / "run"
     train(demo, run)
     return run
