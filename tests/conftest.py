@@ -126,16 +126,14 @@ def real_radiology_formats(real_radiology_images: dict[str, Path], tmp_path_fact
 
 
 @pytest.fixture(scope="module")
-def device_worker_threads():
+def device_worker_threads() -> None:
     """The torch threads of one of two `--devices` workers, for a whole module that compares a
     parallel run with a sequential one: 2 threads against 1 reduce float sums in another order, and
     Adam's first steps, which move every weight by about the learning rate whatever the gradient's
-    size, can turn that last-bit difference into 0.02 in a network's probabilities."""
+    size, can turn that last-bit difference into 0.02 in a network's probabilities. The count is
+    put back at the module's end by `_restore_torch_threads`."""
     import torch
 
     from conceptclef.pipeline.devices.workers import threads_per_worker
 
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads_per_worker(2))
-    yield
-    torch.set_num_threads(previous)
